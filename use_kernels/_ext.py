@@ -1,0 +1,16 @@
+"""Loads the compiled library `use_kernels._C`, which registers `torch.ops.use_kernels.*`."""
+import functools
+
+_REBUILD = ("use_kernels._C (the compiled segment-gathering ops) is missing or failed to load. "
+            "Rebuild it from the repository root with:\n"
+            "    pip install --no-build-isolation -e .\n"
+            "(USE_CUDA=0/1 forces the CUDA build off/on; `source scripts/env.sh` does all of it).")
+
+
+@functools.cache
+def load_library() -> None:
+    """Import `use_kernels._C` once; on failure raise ImportError saying how to rebuild."""
+    try:
+        from . import _C  # noqa: F401  (importing registers the ops)
+    except ImportError as e:
+        raise ImportError(f"{_REBUILD}\nOriginal error: {e}") from e
