@@ -84,7 +84,7 @@ def sup_loss(z_a: Tensor, z_b: Tensor, *, variant: str = "orig", temperature: fl
     pos = sim.diagonal()                                                         # [N]
     neg = sim.masked_fill(eye, float("-inf"))
     # Weights need no gradient path of their own (importance weights, as in hard-negative sampling).
-    w = torch.softmax(hardneg_beta * neg.detach(), dim=1) * (n - 1)              # [N, N], 0 on the diagonal
+    w = torch.softmax((hardneg_beta * sim.detach()).masked_fill(eye, float("-inf")), dim=1) * (n - 1)              # [N, N], 0 on the diagonal
     log_neg = torch.logsumexp(neg + torch.log(w.clamp(min=1e-30)), dim=1)        # log Σ_j w_j e^{s_j}
     return (torch.logaddexp(pos, log_neg) - pos).mean()
 
