@@ -1,0 +1,422 @@
+"""Chunkwise retention in Triton: forward, backward, autograd and torch.library registration.
+
+Design (aimed at the IO floor, see PERFORMANCE.md): fla's chunk kernels write every per-chunk
+state to memory and read it back in a second kernel (≈2× the minimal bytes forward, ≈6× backward).
+Here each program owns one (sequence n, head h, D_v block) and walks that sequence's chunks in
+order with the state [D_k, BV] held on chip, so the forward reads q, k, v once and writes o once.
+The backward never stores states either: one kernel re-runs the forward recurrence to get the
+states it needs for dq, the other runs the adjoint recurrence from the last chunk to get dk, dv
+and d(initial_state). Both read q/k/v/do once. All accumulation is float32.
+
+Notation per chunk (C = chunk size, rows r / columns c = position inside the chunk, L = valid
+tokens in this chunk, s = scale, S = state before the chunk, G = adjoint of the state after it):
+
+    Γ[r, c] = γ^{r-c} (r ≥ c, else 0)            decays are exp2(n · log2 γ), n ≥ 0
+    o      = ((Q Kᵀ) ⊙ sΓ) V + γ^{r+1} ⊙ (Q S)
+    S'     = γ^L S + (K ⊙ sγ^{L-1-c})ᵀ V
+
+Derivatives (dA = (dO Vᵀ) ⊙ sΓ, A = (Q Kᵀ) ⊙ sΓ):
+
+    dQ = dA K + γ^{r+1} ⊙ (dO Sᵀ)
+    dK = dAᵀ Q + sγ^{L-1-c} ⊙ (V Gᵀ)
+    dV = Aᵀ dO + sγ^{L-1-c} ⊙ (K G)
+    G_prev = γ^L G + (γ^{r+1} ⊙ Q)ᵀ dO          G after the last chunk = d(final state),
+                                                 d(initial state) = G before the first chunk
+    d log γ = Σ_t t · (q_t·dq_t − k_t·dk_t) + L_seq · ⟨dS_T, S_T⟩      (t = 1-based position)
+
+The last line: with b_t = t·log γ every term of o and S_T is exp(b_t − b_j)·(…), so ∂L/∂b_t =
+q_t·dq_t − k_t·dk_t (+ ⟨dS_T, S_T⟩ at t = T), and ∂L/∂log γ = Σ_t t·∂L/∂b_t. Both backward
+kernels add their share in float32 while they hold dq / dk anyway: dγ costs no extra pass.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# Registers hold the state tile [BK, BV] in float32: at most 8192 elements (32 KiB) per program.
+_MAX_STATE_TILE = 8192
+
+
+def _pow2(x: int) -> int:
+    return max(16, triton.next_power_of_2(x))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get full-precision dots (TF32 would cost ~1e-3 relative error); bf16/fp16 dots
+    # use the tensor cores with fp32 accumulation (the precision flag only affects fp32 operands).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _num_warps(bk: int, bv: int) -> int:
+    return 4 if bk * bv <= 4096 else 8
+
+
+@triton.jit
+def _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN: tl.constexpr):
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+    return bos, eos
+
+
+# ------------------------------------------------------------------------------------------------
+# forward: o = ((Q Kᵀ) ⊙ sΓ) V + γ^{r+1} ⊙ (Q S);  S ← γ^L S + (K ⊙ sγ^{L-1-c})ᵀ V
+# grid (NV, N, H); the state tile [BK ⊇ D_k, BV] stays in registers across the chunks.
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _chunk_retention_fwd_kernel(q, k, v, o, g, h0, ht, cu_seqlens, scale, T,
+                                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                                USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
+                                IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr):
+    i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    log2g = tl.log2(tl.load(g + i_h).to(tl.float32))
+
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    d_q = tl.exp2((o_t + 1).to(tl.float32) * log2g)                               # γ^{r+1}
+    diff = (o_t[:, None] - o_t[None, :]).to(tl.float32)
+    d_qk = tl.where(diff >= 0, tl.exp2(tl.maximum(diff, 0.0) * log2g), 0.0) * scale  # sΓ
+
+    p_state = (i_n * H + i_h).to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
+    m_state = m_k[:, None] & m_v[None, :]
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        b_h += tl.load(h0 + p_state, mask=m_state, other=0.0).to(tl.float32)
+
+    for i_c in range(0, tl.cdiv(eos - bos, BT)):
+        t0 = bos + i_c * BT
+        n_valid = tl.minimum(eos - t0, BT).to(tl.int32)
+        m_t = o_t < n_valid
+        rows = (t0 + o_t).to(tl.int64) * H + i_h
+        b_q = tl.load(q + rows[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b_k = tl.load(k + rows[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b_v = tl.load(v + rows[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+
+        b_a = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * d_qk          # [BT, BT]
+        b_o = tl.dot(b_a.to(b_v.dtype), b_v, input_precision=DOT_PREC)
+        b_o += tl.dot(b_q, b_h.to(b_q.dtype), input_precision=DOT_PREC) * d_q[:, None]
+        tl.store(o + rows[:, None] * V + o_v[None, :], b_o.to(o.dtype.element_ty),
+                 mask=m_t[:, None] & m_v[None, :])
+
+        d_k = tl.where(m_t, tl.exp2((n_valid - 1 - o_t).to(tl.float32) * log2g), 0.0) * scale
+        b_h = b_h * tl.exp2(n_valid.to(tl.float32) * log2g) + tl.dot(
+            tl.trans((b_k * d_k[:, None]).to(b_k.dtype)), b_v, input_precision=DOT_PREC)
+
+    if STORE_FINAL_STATE:
+        tl.store(ht + p_state, b_h, mask=m_state)
+
+
+# ------------------------------------------------------------------------------------------------
+# backward 1 (forward sweep, recomputes S): dQ = dA K + γ^{r+1} ⊙ (dO Sᵀ)
+# grid (NK, N, H); state tile [BK, BV ⊇ D_v]. Adds Σ t·q_t·dq_t (+ L·⟨dS_T, S_T⟩) to d log γ.
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _chunk_retention_bwd_dq_kernel(q, k, v, do, dq, g, h0, dht, dlg, cu_seqlens, scale, T,
+                                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                                   USE_INITIAL_STATE: tl.constexpr, USE_FINAL_STATE_GRAD: tl.constexpr,
+                                   IS_VARLEN: tl.constexpr, DGAMMA: tl.constexpr, DOT_PREC: tl.constexpr):
+    i_k, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    log2g = tl.log2(tl.load(g + i_h).to(tl.float32))
+
+    o_t = tl.arange(0, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    d_q = tl.exp2((o_t + 1).to(tl.float32) * log2g)
+    diff = (o_t[:, None] - o_t[None, :]).to(tl.float32)
+    d_qk = tl.where(diff >= 0, tl.exp2(tl.maximum(diff, 0.0) * log2g), 0.0) * scale
+
+    p_state = (i_n * H + i_h).to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
+    m_state = m_k[:, None] & m_v[None, :]
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        b_h += tl.load(h0 + p_state, mask=m_state, other=0.0).to(tl.float32)
+    b_lg = tl.zeros([BT], dtype=tl.float32)
+
+    for i_c in range(0, tl.cdiv(eos - bos, BT)):
+        t0 = bos + i_c * BT
+        n_valid = tl.minimum(eos - t0, BT).to(tl.int32)
+        m_t = o_t < n_valid
+        rows = (t0 + o_t).to(tl.int64) * H + i_h
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_k = tl.load(k + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+        b_v = tl.load(v + rows[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+        b_do = tl.load(do + rows[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+
+        b_da = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC) * d_qk           # [BT, BT]
+        b_dq = tl.dot(b_da.to(b_k.dtype), b_k, input_precision=DOT_PREC)
+        b_dq += tl.dot(b_do, tl.trans(b_h).to(b_do.dtype), input_precision=DOT_PREC) * d_q[:, None]
+        tl.store(dq + rows[:, None] * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_tk)
+        if DGAMMA:
+            b_q = tl.load(q + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+            pos = (i_c * BT + o_t + 1).to(tl.float32)
+            b_lg += pos * tl.sum(b_q * b_dq, axis=1)
+
+        d_k = tl.where(m_t, tl.exp2((n_valid - 1 - o_t).to(tl.float32) * log2g), 0.0) * scale
+        b_h = b_h * tl.exp2(n_valid.to(tl.float32) * log2g) + tl.dot(
+            tl.trans((b_k * d_k[:, None]).to(b_k.dtype)), b_v, input_precision=DOT_PREC)
+
+    if DGAMMA:
+        lg = tl.sum(b_lg, axis=0)
+        if USE_FINAL_STATE_GRAD:
+            b_dht = tl.load(dht + p_state, mask=m_state, other=0.0)
+            lg += (eos - bos).to(tl.float32) * tl.sum(tl.sum(b_dht * b_h, axis=1), axis=0)
+        tl.store(dlg + (i_k * tl.num_programs(1) + i_n) * H + i_h, lg)
+
+
+# ------------------------------------------------------------------------------------------------
+# backward 2 (reverse sweep over chunks, adjoint state G):
+#   dV = Aᵀ dO + sγ^{L-1-c} ⊙ (K G);   dK = dAᵀ Q + sγ^{L-1-c} ⊙ (V Gᵀ);   G ← γ^L G + (γ^{r+1} ⊙ Q)ᵀ dO
+# grid (NV, N, H); adjoint tile [BK ⊇ D_k, BV]. dK is partial over the D_v blocks when NV > 1
+# (summed by the launcher). Subtracts Σ t·k_t·dk_t from d log γ.
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _chunk_retention_bwd_dkv_kernel(q, k, v, do, dk, dv, dh0, g, dht, dlg, cu_seqlens, scale, T, stride_dk_nv,
+                                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                                    STORE_DH0: tl.constexpr, USE_FINAL_STATE_GRAD: tl.constexpr,
+                                    IS_VARLEN: tl.constexpr, DGAMMA: tl.constexpr, DOT_PREC: tl.constexpr):
+    i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    log2g = tl.log2(tl.load(g + i_h).to(tl.float32))
+
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    d_q = tl.exp2((o_t + 1).to(tl.float32) * log2g)
+    diff = (o_t[:, None] - o_t[None, :]).to(tl.float32)
+    d_qk = tl.where(diff >= 0, tl.exp2(tl.maximum(diff, 0.0) * log2g), 0.0) * scale
+
+    p_state = (i_n * H + i_h).to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
+    m_state = m_k[:, None] & m_v[None, :]
+    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_FINAL_STATE_GRAD:
+        b_dh += tl.load(dht + p_state, mask=m_state, other=0.0).to(tl.float32)
+    b_lg = tl.zeros([BT], dtype=tl.float32)
+    dk_base = dk + i_v.to(tl.int64) * stride_dk_nv          # partial dk of this D_v block
+
+    NT = tl.cdiv(eos - bos, BT)
+    for j in range(0, NT):
+        i_c = NT - 1 - j
+        t0 = bos + i_c * BT
+        n_valid = tl.minimum(eos - t0, BT).to(tl.int32)
+        m_t = o_t < n_valid
+        rows = (t0 + o_t).to(tl.int64) * H + i_h
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_q = tl.load(q + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+        b_k = tl.load(k + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+        b_v = tl.load(v + rows[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+        b_do = tl.load(do + rows[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+        d_k = tl.where(m_t, tl.exp2((n_valid - 1 - o_t).to(tl.float32) * log2g), 0.0) * scale
+
+        b_a = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * d_qk             # [BT, BT]
+        b_dv = tl.dot(tl.trans(b_a).to(b_do.dtype), b_do, input_precision=DOT_PREC)
+        b_dv += tl.dot(b_k, b_dh.to(b_k.dtype), input_precision=DOT_PREC) * d_k[:, None]
+        tl.store(dv + rows[:, None] * V + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_tv)
+
+        b_da = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC) * d_qk
+        b_dk = tl.dot(tl.trans(b_da).to(b_q.dtype), b_q, input_precision=DOT_PREC)
+        b_dk += tl.dot(b_v, tl.trans(b_dh).to(b_v.dtype), input_precision=DOT_PREC) * d_k[:, None]
+        tl.store(dk_base + rows[:, None] * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m_tk)
+        if DGAMMA:
+            pos = (i_c * BT + o_t + 1).to(tl.float32)
+            b_lg -= pos * tl.sum(b_k.to(tl.float32) * b_dk, axis=1)
+
+        b_dh = b_dh * tl.exp2(n_valid.to(tl.float32) * log2g) + tl.dot(
+            tl.trans(b_q), (b_do * d_q[:, None]).to(b_do.dtype), input_precision=DOT_PREC)
+
+    if STORE_DH0:
+        tl.store(dh0 + p_state, b_dh, mask=m_state)
+    if DGAMMA:
+        tl.store(dlg + (i_v * tl.num_programs(1) + i_n) * H + i_h, tl.sum(b_lg, axis=0))
+
+
+# ------------------------------------------------------------------------------------------------
+# launchers
+# ------------------------------------------------------------------------------------------------
+def _num_seqs(q: Tensor, cu_seqlens: Optional[Tensor]) -> int:
+    return q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+
+
+def chunk_retention_fwd(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, scale: float,
+                        initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor], chunk_size: int,
+                        output_final_state: bool) -> Tuple[Tensor, Tensor]:
+    """Returns o [B, T, H, D_v] and the final states [N, H, D_k, D_v] float32 ([0] if not asked)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = _num_seqs(q, cu_seqlens)
+    o = torch.empty_like(v)
+    ht = q.new_empty((N, H, K, V) if output_final_state else (0,), dtype=torch.float32)
+    if q.numel() == 0 or N == 0:
+        if output_final_state:
+            ht.copy_(initial_state) if initial_state is not None else ht.zero_()
+        return o, ht
+    BK = _pow2(K)
+    BV = min(_pow2(V), max(16, _MAX_STATE_TILE // BK))
+    grid = (triton.cdiv(V, BV), N, H)
+    _chunk_retention_fwd_kernel[grid](
+        q, k, v, o, gamma, initial_state if initial_state is not None else q, ht if output_final_state else q,
+        cu_seqlens if cu_seqlens is not None else q, scale, T,
+        H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV,
+        USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
+        IS_VARLEN=cu_seqlens is not None, DOT_PREC=_dot_precision(q.dtype), num_warps=_num_warps(BK, BV))
+    return o, ht
+
+
+def chunk_retention_bwd(q: Tensor, k: Tensor, v: Tensor, do: Tensor, gamma: Tensor, scale: float,
+                        initial_state: Optional[Tensor], dht: Optional[Tensor], cu_seqlens: Optional[Tensor],
+                        chunk_size: int, need_dh0: bool, need_dgamma: bool
+                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns dq, dk, dv (input dtype), d initial_state ([N, H, D_k, D_v] float32, or [0]) and dγ
+    (float32 [H], zeros unless need_dgamma)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = _num_seqs(q, cu_seqlens)
+    dq = torch.empty_like(q)
+    dv = torch.empty_like(v)
+    dh0 = q.new_empty((N, H, K, V) if need_dh0 else (0,), dtype=torch.float32)
+    dgamma = q.new_zeros((H,), dtype=torch.float32)
+    if q.numel() == 0 or N == 0:
+        if need_dh0:
+            dh0.copy_(dht) if dht is not None else dh0.zero_()
+        return dq, torch.empty_like(k), dv, dh0, dgamma
+    dummy = q
+    varlen = cu_seqlens is not None
+    cu = cu_seqlens if varlen else dummy
+    prec = _dot_precision(q.dtype)
+
+    # dq: state tile [BK, whole D_v]
+    BV = _pow2(V)
+    BK = min(_pow2(K), max(16, _MAX_STATE_TILE // BV))
+    NK = triton.cdiv(K, BK)
+    dlg_q = q.new_zeros((NK, N, H), dtype=torch.float32)
+    _chunk_retention_bwd_dq_kernel[(NK, N, H)](
+        q, k, v, do, dq, gamma, initial_state if initial_state is not None else dummy,
+        dht if dht is not None else dummy, dlg_q, cu, scale, T,
+        H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV,
+        USE_INITIAL_STATE=initial_state is not None, USE_FINAL_STATE_GRAD=dht is not None,
+        IS_VARLEN=varlen, DGAMMA=need_dgamma, DOT_PREC=prec, num_warps=_num_warps(BK, BV))
+
+    # dk, dv, dh0: adjoint tile [whole D_k, BV]
+    BK = _pow2(K)
+    BV = min(_pow2(V), max(16, _MAX_STATE_TILE // BK))
+    NV = triton.cdiv(V, BV)
+    dk = torch.empty_like(k) if NV == 1 else q.new_empty((NV,) + tuple(k.shape), dtype=torch.float32)
+    dlg_kv = q.new_zeros((NV, N, H), dtype=torch.float32)
+    _chunk_retention_bwd_dkv_kernel[(NV, N, H)](
+        q, k, v, do, dk, dv, dh0 if need_dh0 else dummy, gamma, dht if dht is not None else dummy,
+        dlg_kv, cu, scale, T, k.numel() if NV > 1 else 0,
+        H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV,
+        STORE_DH0=need_dh0, USE_FINAL_STATE_GRAD=dht is not None,
+        IS_VARLEN=varlen, DGAMMA=need_dgamma, DOT_PREC=prec, num_warps=_num_warps(BK, BV))
+    if NV > 1:
+        dk = dk.sum(0).to(k.dtype)
+    if need_dgamma:
+        dgamma = (dlg_q.sum((0, 1)) + dlg_kv.sum((0, 1))) / gamma.float()
+    return dq, dk, dv, dh0, dgamma
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.library registration: opaque custom ops with fake (meta) implementations, so that
+# torch.compile(fullgraph=True) traces through on every device (TOOLCHAIN.md: triton_op breaks
+# under the interpreter on CPU), and autograd wired with register_autograd.
+# ------------------------------------------------------------------------------------------------
+@torch.library.custom_op("use_kernels::retention_chunk_fwd", mutates_args=())
+def _chunk_fwd_op(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, scale: float,
+                  initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor], chunk_size: int,
+                  output_final_state: bool) -> Tuple[Tensor, Tensor]:
+    return chunk_retention_fwd(q, k, v, gamma, scale, initial_state, cu_seqlens, chunk_size, output_final_state)
+
+
+@_chunk_fwd_op.register_fake
+def _(q, k, v, gamma, scale, initial_state, cu_seqlens, chunk_size, output_final_state):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = _num_seqs(q, cu_seqlens)
+    return (v.new_empty(v.shape),
+            q.new_empty((N, H, K, V) if output_final_state else (0,), dtype=torch.float32))
+
+
+@torch.library.custom_op("use_kernels::retention_bwd", mutates_args=())
+def _bwd_op(q: Tensor, k: Tensor, v: Tensor, do: Tensor, gamma: Tensor, scale: float,
+            initial_state: Optional[Tensor], dht: Optional[Tensor], cu_seqlens: Optional[Tensor],
+            chunk_size: int, need_dh0: bool, need_dgamma: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return chunk_retention_bwd(q, k, v, do, gamma, scale, initial_state, dht, cu_seqlens, chunk_size,
+                               need_dh0, need_dgamma)
+
+
+@_bwd_op.register_fake
+def _(q, k, v, do, gamma, scale, initial_state, dht, cu_seqlens, chunk_size, need_dh0, need_dgamma):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = _num_seqs(q, cu_seqlens)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            q.new_empty((N, H, K, V) if need_dh0 else (0,), dtype=torch.float32),
+            q.new_empty((H,), dtype=torch.float32))
+
+
+def _chunk_setup(ctx, inputs, output):
+    q, k, v, gamma, scale, initial_state, cu_seqlens, chunk_size = inputs[:8]
+    ctx.save_for_backward(q, k, v, gamma, initial_state, cu_seqlens)
+    ctx.scale = scale
+    ctx.chunk_size = chunk_size
+
+
+def _backward(ctx, do, dht):
+    q, k, v, gamma, initial_state, cu_seqlens = ctx.saved_tensors
+    need_dgamma = ctx.needs_input_grad[3]
+    need_dh0 = initial_state is not None and ctx.needs_input_grad[5]
+    if dht is not None and dht.numel() == 0:
+        dht = None
+    if dht is not None:
+        dht = dht.contiguous()
+    dq, dk, dv, dh0, dgamma = _bwd_op(q, k, v, do.contiguous(), gamma, ctx.scale, initial_state, dht,
+                                      cu_seqlens, ctx.chunk_size, need_dh0, need_dgamma)
+    return (dq, dk, dv, dgamma.to(gamma.dtype) if need_dgamma else None, None,
+            dh0 if need_dh0 else None, None)
+
+
+def _chunk_backward(ctx, do, dht):
+    return _backward(ctx, do, dht) + (None, None)
+
+
+_chunk_fwd_op.register_autograd(_chunk_backward, setup_context=_chunk_setup)
+
+
+def _prep(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, initial_state: Optional[Tensor],
+          cu_seqlens: Optional[Tensor]):
+    """Contiguous inputs; gamma and the initial state in float32 (the kernels' state dtype)."""
+    h0 = initial_state
+    if h0 is not None and (h0.dtype != torch.float32 or not h0.is_contiguous()):
+        h0 = h0.float().contiguous()
+    g = gamma if gamma.dtype == torch.float32 and gamma.is_contiguous() else gamma.float().contiguous()
+    return (q.contiguous(), k.contiguous(), v.contiguous(), g, h0,
+            None if cu_seqlens is None else cu_seqlens.contiguous())
+
+
+def chunk_retention_triton(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, scale: float,
+                           initial_state: Optional[Tensor], output_final_state: bool,
+                           cu_seqlens: Optional[Tensor], chunk_size: int) -> Tuple[Tensor, Optional[Tensor]]:
+    """Inputs already validated by `ops`."""
+    q, k, v, g, h0, cu = _prep(q, k, v, gamma, initial_state, cu_seqlens)
+    o, ht = torch.ops.use_kernels.retention_chunk_fwd(q, k, v, g, scale, h0, cu, chunk_size, output_final_state)
+    return o, (ht if output_final_state else None)
