@@ -287,6 +287,18 @@ def test_cache_corrupt_is_rebuilt(tmp_path):
     assert load_corpus(p).tokens.tolist() == [5, 6]
 
 
+def test_cache_unwritable_falls_back_to_memory(tmp_path, monkeypatch):
+    p = write(tmp_path / "d.txt", "a b\nb\n")
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(D.tempfile, "mkdtemp", refuse)
+    with pytest.warns(UserWarning, match="cannot write the cache next to"):
+        c = load_corpus(p)
+    assert c.tokens.tolist() == [6, 5, 5] and not D.cache_dir_for(p).exists()
+
+
 def test_corpus_csv(tmp_path):
     p = write(tmp_path / "d.csv", "user_id,sequence\nu2,a b\nu1,c\nu2,d\n")
     c = load_corpus(p)

@@ -522,9 +522,11 @@ def _read_cache(cdir: Path, meta_want: dict, vocab: Optional[Vocab]) -> Optional
             if meta.get("sha256") != _file_sha256(Path(meta_want["_path"])):
                 return None
             try:  # remember the new mtime so the next load skips the hash
-                _atomic_write_text(cdir / "meta.json", json.dumps({**meta, "mtime_ns": meta_want["mtime_ns"]}, indent=1))
+                meta["mtime_ns"] = meta_want["mtime_ns"]
+                _atomic_write_text(cdir / "meta.json", json.dumps(meta, indent=1))
+                os.chmod(cdir / "meta.json", 0o666 & ~_umask())
             except OSError:
-                pass
+                pass  # read-only data directory: still valid, just hashed again next time
         cached_vocab = Vocab.load(cdir / "vocab.json")
         user_ids = json.loads((cdir / "user_ids.json").read_text(encoding="utf-8"))
         tokens = np.load(cdir / "tokens.npy", mmap_mode="r")
@@ -582,6 +584,10 @@ def load_corpus(path: PathLike, *, vocab: Optional[Vocab] = None, char_level: bo
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         os.chmod(tmp / "vocab.json", 0o666 & ~_umask())
         _install_dir(tmp, cdir)
+    except OSError as e:  # disk full, quota, ...: the corpus itself is fine
+        warnings.warn(f"load_corpus: could not write the cache {cdir} ({e}); using an in-memory "
+                      f"corpus (tokenised again next time)", stacklevel=2)
+        return Corpus(tokens, offsets, built_vocab, user_ids)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
