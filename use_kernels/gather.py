@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._ext import load_library
+
 
 class PaddedSegments(NamedTuple):
     input_ids: Tensor                 # [B, max_len] int64, right-padded with pad_id
@@ -73,9 +75,58 @@ def _has_fep(fep_window: int, num_events: int) -> bool:
 
 
 def _ops():
-    from ._ext import load_library
-    load_library()
+    if not _LOADED:
+        load_library()  # raises ImportError saying how to rebuild
     return torch.ops.use_kernels
+
+
+def _register_fakes() -> None:
+    """Shape-only implementations, so the ops trace under torch.compile(fullgraph=True)."""
+
+    def fep_dims(fep_window, num_events):
+        torch._check(fep_window >= 0, lambda: f"fep_window must be >= 0, got {fep_window}")
+        torch._check(num_events >= 0, lambda: f"num_events must be >= 0, got {num_events}")
+        return num_events if _has_fep(fep_window, num_events) else 0
+
+    def check_dtypes(tokens, offsets, users, starts, lengths):
+        torch._check(tokens.dtype == torch.int32, lambda: f"tokens must be int32, got {tokens.dtype}")
+        for name, t in (("offsets", offsets), ("users", users), ("starts", starts),
+                        ("lengths", lengths)):
+            torch._check(t.dtype == torch.int64, lambda: f"{name} must be int64, got {t.dtype}")
+        torch._check(users.shape == starts.shape == lengths.shape,
+                     lambda: "users, starts and lengths must have the same length")
+
+    @torch.library.register_fake("use_kernels::gather_segments")
+    def _(tokens, offsets, users, starts, lengths, max_len, pad_id, fep_window=0, num_events=0,
+          event_offset=5):
+        check_dtypes(tokens, offsets, users, starts, lengths)
+        torch._check(max_len >= 0, lambda: f"max_len must be >= 0, got {max_len}")
+        E = fep_dims(fep_window, num_events)
+        B = users.shape[0]
+        return (tokens.new_empty((B, max_len), dtype=torch.int64),
+                tokens.new_empty((B, max_len), dtype=torch.bool),
+                tokens.new_empty((B, max_len, E), dtype=torch.uint8),
+                tokens.new_empty((B, max_len) if E else (0,), dtype=torch.bool))
+
+    @torch.library.register_fake("use_kernels::gather_segments_packed")
+    def _(tokens, offsets, users, starts, lengths, fep_window=0, num_events=0, event_offset=5):
+        check_dtypes(tokens, offsets, users, starts, lengths)
+        E = fep_dims(fep_window, num_events)
+        B = users.shape[0]
+        total = torch.library.get_ctx().new_dynamic_size()   # sum(lengths): data-dependent
+        return (tokens.new_empty((total,), dtype=torch.int64),
+                tokens.new_empty((B + 1,), dtype=torch.int32),
+                tokens.new_empty((total,), dtype=torch.int64),
+                tokens.new_empty((total, E), dtype=torch.uint8),
+                tokens.new_empty((total,) if E else (0,), dtype=torch.bool))
+
+
+try:
+    load_library()
+    _register_fakes()
+    _LOADED = True
+except ImportError:
+    _LOADED = False  # importing use_kernels still works; calling the ops says how to rebuild
 
 
 def gather_segments(tokens, offsets, users, starts, lengths, *, max_len: int, pad_id: int,
@@ -87,8 +138,6 @@ def gather_segments(tokens, offsets, users, starts, lengths, *, max_len: int, pa
     Returns PaddedSegments(input_ids int64, attention_mask bool, fep_labels uint8 [B, max_len, E]
     or None, fep_mask bool or None). Raises RuntimeError with the offending batch row on bad input.
     """
-    return gather_segments_ref(tokens, offsets, users, starts, lengths, max_len=max_len, pad_id=pad_id,
-                               fep_window=fep_window, num_events=num_events, event_offset=event_offset)
     tokens, offsets, users, starts, lengths = _convert(tokens, offsets, users, starts, lengths)
     ids, attn, labels, fmask = _ops().gather_segments(
         tokens, offsets, users, starts, lengths, max_len, pad_id, fep_window, num_events, event_offset)
@@ -105,8 +154,6 @@ def gather_segments_packed(tokens, offsets, users, starts, lengths, *, fep_windo
     [total] (0..len-1 within each segment), fep_labels uint8 [total, E] or None, fep_mask bool
     [total] or None), total = sum(lengths).
     """
-    return gather_segments_packed_ref(tokens, offsets, users, starts, lengths, fep_window=fep_window,
-                                      num_events=num_events, event_offset=event_offset)
     tokens, offsets, users, starts, lengths = _convert(tokens, offsets, users, starts, lengths)
     ids, cu, pos, labels, fmask = _ops().gather_segments_packed(
         tokens, offsets, users, starts, lengths, fep_window, num_events, event_offset)
@@ -119,6 +166,10 @@ def gather_segments_packed(tokens, offsets, users, starts, lengths, *, fep_windo
 # References: plain NumPy, one segment at a time, same checks and messages as the op.
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _check_ref(name, tokens, offsets, users, starts, lengths, max_len, fep_window, num_events):
     def fail(msg):
         raise RuntimeError(f"{name}: {msg}")
@@ -127,7 +178,7 @@ def _check_ref(name, tokens, offsets, users, starts, lengths, max_len, fep_windo
                        ("users", users, torch.int64), ("starts", starts, torch.int64),
                        ("lengths", lengths, torch.int64)):
         if t.dtype != dt:
-            fail(f"{arg} must be {str(dt).replace('torch.', '')}, got {t.dtype}")
+            fail(f"{arg} must be {_dtype_name(dt)}, got {_dtype_name(t.dtype)}")
         if t.dim() != 1:
             fail(f"{arg} must be 1-D, got shape {list(t.shape)}")
         if t.device != tokens.device:
