@@ -20,6 +20,7 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())      # mkstemp makes 0600; give the file normal permissions
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -42,6 +43,12 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
     atomic_write(path, write)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(d: Path) -> None:
