@@ -55,6 +55,33 @@ def _num_warps(bk: int, bv: int) -> int:
     return 4 if bk * bv <= 4096 else 8
 
 
+def _emulate_bf16(x: Tensor) -> bool:
+    # The Triton interpreter (TRITON_INTERPRET=1, the CPU test path) keeps bf16 as raw uint16:
+    # tl.dot on bf16 operands multiplies the bit patterns, and fp32 -> bf16 casts truncate.
+    # With this flag the kernels round to bf16 by hand (nearest even, as the GPU does) and feed
+    # the rounded values to an fp32 dot: the same numbers a GPU bf16 dot sees, accumulated in fp32.
+    return x.dtype == torch.bfloat16 and x.device.type != "cuda"
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, EMU: tl.constexpr):
+    """x.to(dtype); under EMU round an fp32 tile to bf16 by hand (round to nearest even)."""
+    if EMU:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            x = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _dot(a, b, DOT_PREC: tl.constexpr, EMU: tl.constexpr):
+    if EMU:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=DOT_PREC)
+
+
 @triton.jit
 def _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN: tl.constexpr):
     if IS_VARLEN:
@@ -75,7 +102,8 @@ def _chunk_retention_fwd_kernel(q, k, v, o, g, h0, ht, cu_seqlens, scale, T,
                                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                                 BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                                 USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
-                                IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr):
+                                IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, EMU: tl.constexpr):
+    dt = q.dtype.element_ty
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
     log2g = tl.log2(tl.load(g + i_h).to(tl.float32))
@@ -104,15 +132,15 @@ def _chunk_retention_fwd_kernel(q, k, v, o, g, h0, ht, cu_seqlens, scale, T,
         b_k = tl.load(k + rows[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
         b_v = tl.load(v + rows[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
 
-        b_a = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * d_qk          # [BT, BT]
-        b_o = tl.dot(b_a.to(b_v.dtype), b_v, input_precision=DOT_PREC)
-        b_o += tl.dot(b_q, b_h.to(b_q.dtype), input_precision=DOT_PREC) * d_q[:, None]
-        tl.store(o + rows[:, None] * V + o_v[None, :], b_o.to(o.dtype.element_ty),
+        b_a = _dot(b_q, tl.trans(b_k), DOT_PREC, EMU) * d_qk          # [BT, BT]
+        b_o = _dot(_cast(b_a, dt, EMU), b_v, DOT_PREC, EMU)
+        b_o += _dot(b_q, _cast(b_h, dt, EMU), DOT_PREC, EMU) * d_q[:, None]
+        tl.store(o + rows[:, None] * V + o_v[None, :], _cast(b_o, o.dtype.element_ty, EMU),
                  mask=m_t[:, None] & m_v[None, :])
 
         d_k = tl.where(m_t, tl.exp2((n_valid - 1 - o_t).to(tl.float32) * log2g), 0.0) * scale
-        b_h = b_h * tl.exp2(n_valid.to(tl.float32) * log2g) + tl.dot(
-            tl.trans((b_k * d_k[:, None]).to(b_k.dtype)), b_v, input_precision=DOT_PREC)
+        b_h = b_h * tl.exp2(n_valid.to(tl.float32) * log2g) + _dot(
+            tl.trans(_cast(b_k * d_k[:, None], dt, EMU)), b_v, DOT_PREC, EMU)
 
     if STORE_FINAL_STATE:
         tl.store(ht + p_state, b_h, mask=m_state)
@@ -127,7 +155,8 @@ def _chunk_retention_bwd_dq_kernel(q, k, v, do, dq, g, h0, dht, dlg, cu_seqlens,
                                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                                    USE_INITIAL_STATE: tl.constexpr, USE_FINAL_STATE_GRAD: tl.constexpr,
-                                   IS_VARLEN: tl.constexpr, DGAMMA: tl.constexpr, DOT_PREC: tl.constexpr):
+                                   IS_VARLEN: tl.constexpr, DGAMMA: tl.constexpr, DOT_PREC: tl.constexpr, EMU: tl.constexpr):
+    dt = q.dtype.element_ty
     i_k, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
     log2g = tl.log2(tl.load(g + i_h).to(tl.float32))
@@ -159,18 +188,18 @@ def _chunk_retention_bwd_dq_kernel(q, k, v, do, dq, g, h0, dht, dlg, cu_seqlens,
         b_v = tl.load(v + rows[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
         b_do = tl.load(do + rows[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
 
-        b_da = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC) * d_qk           # [BT, BT]
-        b_dq = tl.dot(b_da.to(b_k.dtype), b_k, input_precision=DOT_PREC)
-        b_dq += tl.dot(b_do, tl.trans(b_h).to(b_do.dtype), input_precision=DOT_PREC) * d_q[:, None]
-        tl.store(dq + rows[:, None] * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_tk)
+        b_da = _dot(b_do, tl.trans(b_v), DOT_PREC, EMU) * d_qk           # [BT, BT]
+        b_dq = _dot(_cast(b_da, dt, EMU), b_k, DOT_PREC, EMU)
+        b_dq += _dot(b_do, _cast(tl.trans(b_h), dt, EMU), DOT_PREC, EMU) * d_q[:, None]
+        tl.store(dq + rows[:, None] * K + o_k[None, :], _cast(b_dq, dq.dtype.element_ty, EMU), mask=m_tk)
         if DGAMMA:
             b_q = tl.load(q + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
             pos = (i_c * BT + o_t + 1).to(tl.float32)
             b_lg += pos * tl.sum(b_q * b_dq, axis=1)
 
         d_k = tl.where(m_t, tl.exp2((n_valid - 1 - o_t).to(tl.float32) * log2g), 0.0) * scale
-        b_h = b_h * tl.exp2(n_valid.to(tl.float32) * log2g) + tl.dot(
-            tl.trans((b_k * d_k[:, None]).to(b_k.dtype)), b_v, input_precision=DOT_PREC)
+        b_h = b_h * tl.exp2(n_valid.to(tl.float32) * log2g) + _dot(
+            tl.trans(_cast(b_k * d_k[:, None], dt, EMU)), b_v, DOT_PREC, EMU)
 
     if DGAMMA:
         lg = tl.sum(b_lg, axis=0)
@@ -191,7 +220,8 @@ def _chunk_retention_bwd_dkv_kernel(q, k, v, do, dk, dv, dh0, g, dht, dlg, cu_se
                                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                                     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                                     STORE_DH0: tl.constexpr, USE_FINAL_STATE_GRAD: tl.constexpr,
-                                    IS_VARLEN: tl.constexpr, DGAMMA: tl.constexpr, DOT_PREC: tl.constexpr):
+                                    IS_VARLEN: tl.constexpr, DGAMMA: tl.constexpr, DOT_PREC: tl.constexpr, EMU: tl.constexpr):
+    dt = q.dtype.element_ty
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
     log2g = tl.log2(tl.load(g + i_h).to(tl.float32))
@@ -228,21 +258,21 @@ def _chunk_retention_bwd_dkv_kernel(q, k, v, do, dk, dv, dh0, g, dht, dlg, cu_se
         b_do = tl.load(do + rows[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
         d_k = tl.where(m_t, tl.exp2((n_valid - 1 - o_t).to(tl.float32) * log2g), 0.0) * scale
 
-        b_a = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * d_qk             # [BT, BT]
-        b_dv = tl.dot(tl.trans(b_a).to(b_do.dtype), b_do, input_precision=DOT_PREC)
-        b_dv += tl.dot(b_k, b_dh.to(b_k.dtype), input_precision=DOT_PREC) * d_k[:, None]
-        tl.store(dv + rows[:, None] * V + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_tv)
+        b_a = _dot(b_q, tl.trans(b_k), DOT_PREC, EMU) * d_qk             # [BT, BT]
+        b_dv = _dot(_cast(tl.trans(b_a), dt, EMU), b_do, DOT_PREC, EMU)
+        b_dv += _dot(b_k, _cast(b_dh, dt, EMU), DOT_PREC, EMU) * d_k[:, None]
+        tl.store(dv + rows[:, None] * V + o_v[None, :], _cast(b_dv, dv.dtype.element_ty, EMU), mask=m_tv)
 
-        b_da = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC) * d_qk
-        b_dk = tl.dot(tl.trans(b_da).to(b_q.dtype), b_q, input_precision=DOT_PREC)
-        b_dk += tl.dot(b_v, tl.trans(b_dh).to(b_v.dtype), input_precision=DOT_PREC) * d_k[:, None]
-        tl.store(dk_base + rows[:, None] * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m_tk)
+        b_da = _dot(b_do, tl.trans(b_v), DOT_PREC, EMU) * d_qk
+        b_dk = _dot(_cast(tl.trans(b_da), dt, EMU), b_q, DOT_PREC, EMU)
+        b_dk += _dot(b_v, _cast(tl.trans(b_dh), dt, EMU), DOT_PREC, EMU) * d_k[:, None]
+        tl.store(dk_base + rows[:, None] * K + o_k[None, :], _cast(b_dk, dk.dtype.element_ty, EMU), mask=m_tk)
         if DGAMMA:
             pos = (i_c * BT + o_t + 1).to(tl.float32)
             b_lg -= pos * tl.sum(b_k.to(tl.float32) * b_dk, axis=1)
 
-        b_dh = b_dh * tl.exp2(n_valid.to(tl.float32) * log2g) + tl.dot(
-            tl.trans(b_q), (b_do * d_q[:, None]).to(b_do.dtype), input_precision=DOT_PREC)
+        b_dh = b_dh * tl.exp2(n_valid.to(tl.float32) * log2g) + _dot(
+            tl.trans(b_q), _cast(b_do * d_q[:, None], dt, EMU), DOT_PREC, EMU)
 
     if STORE_DH0:
         tl.store(dh0 + p_state, b_dh, mask=m_state)
@@ -278,7 +308,7 @@ def chunk_retention_fwd(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, scale: f
         cu_seqlens if cu_seqlens is not None else q, scale, T,
         H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV,
         USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
-        IS_VARLEN=cu_seqlens is not None, DOT_PREC=_dot_precision(q.dtype), num_warps=_num_warps(BK, BV))
+        IS_VARLEN=cu_seqlens is not None, DOT_PREC=_dot_precision(q.dtype), EMU=_emulate_bf16(q), num_warps=_num_warps(BK, BV))
     return o, ht
 
 
@@ -314,7 +344,7 @@ def chunk_retention_bwd(q: Tensor, k: Tensor, v: Tensor, do: Tensor, gamma: Tens
         dht if dht is not None else dummy, dlg_q, cu, scale, T,
         H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV,
         USE_INITIAL_STATE=initial_state is not None, USE_FINAL_STATE_GRAD=dht is not None,
-        IS_VARLEN=varlen, DGAMMA=need_dgamma, DOT_PREC=prec, num_warps=_num_warps(BK, BV))
+        IS_VARLEN=varlen, DGAMMA=need_dgamma, DOT_PREC=prec, EMU=_emulate_bf16(q), num_warps=_num_warps(BK, BV))
 
     # dk, dv, dh0: adjoint tile [whole D_k, BV]
     BK = _pow2(K)
@@ -327,7 +357,7 @@ def chunk_retention_bwd(q: Tensor, k: Tensor, v: Tensor, do: Tensor, gamma: Tens
         dlg_kv, cu, scale, T, k.numel() if NV > 1 else 0,
         H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV,
         STORE_DH0=need_dh0, USE_FINAL_STATE_GRAD=dht is not None,
-        IS_VARLEN=varlen, DGAMMA=need_dgamma, DOT_PREC=prec, num_warps=_num_warps(BK, BV))
+        IS_VARLEN=varlen, DGAMMA=need_dgamma, DOT_PREC=prec, EMU=_emulate_bf16(q), num_warps=_num_warps(BK, BV))
     if NV > 1:
         dk = dk.sum(0).to(k.dtype)
     if need_dgamma:

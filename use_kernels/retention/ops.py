@@ -11,6 +11,8 @@ Value checks and host synchronisation. Checking *values* (gamma in (0, 1), cu_se
 copy that stalls the stream and breaks CUDA-graph capture. So shapes, dtypes and devices are
 always checked, values are checked when the tensor lives on the CPU (free), and on CUDA only when
 debug checks are on: `USE_KERNELS_DEBUG=1` in the environment or `set_debug_checks(True)`.
+Inside torch.compile tracing value checks are skipped (they would break the graph); check the
+inputs eagerly once, or turn debug checks on and run eagerly, when the data is untrusted.
 """
 from __future__ import annotations
 
@@ -39,6 +41,9 @@ def debug_checks_enabled() -> bool:
 
 
 def _check_values(t: Tensor) -> bool:
+    # Under torch.compile tracing values are symbolic: a check would be a graph break.
+    if torch.compiler.is_compiling():
+        return False
     return t.device.type == "cpu" or _DEBUG
 
 

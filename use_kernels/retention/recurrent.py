@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .chunk_triton import _backward, _num_seqs, _pow2, _prep, _seq_bounds
+from .chunk_triton import _backward, _cast, _emulate_bf16, _num_seqs, _pow2, _prep, _seq_bounds
 
 _MAX_STATE_TILE = 4096
 
@@ -29,7 +29,7 @@ def _recurrent_retention_fwd_kernel(q, k, v, o, g, h0, ht, cu_seqlens, scale, T,
                                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                                     BK: tl.constexpr, BV: tl.constexpr,
                                     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
-                                    IS_VARLEN: tl.constexpr):
+                                    IS_VARLEN: tl.constexpr, EMU: tl.constexpr):
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
     b_g = tl.load(g + i_h).to(tl.float32)
@@ -51,7 +51,7 @@ def _recurrent_retention_fwd_kernel(q, k, v, o, g, h0, ht, cu_seqlens, scale, T,
         b_v = tl.load(v + row * V + o_v, mask=m_v, other=0.0).to(tl.float32)
         b_h = b_h * b_g + b_k[:, None] * b_v[None, :]
         b_o = tl.sum(b_h * b_q[:, None], axis=0)
-        tl.store(o + row * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+        tl.store(o + row * V + o_v, _cast(b_o, o.dtype.element_ty, EMU), mask=m_v)
 
     if STORE_FINAL_STATE:
         tl.store(ht + p_state, b_h, mask=m_state)
@@ -73,7 +73,7 @@ def recurrent_retention_fwd(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, scal
         q, k, v, o, gamma, initial_state if initial_state is not None else q,
         ht if output_final_state else q, cu_seqlens if cu_seqlens is not None else q, scale, T,
         H=H, K=K, V=V, BK=BK, BV=BV, USE_INITIAL_STATE=initial_state is not None,
-        STORE_FINAL_STATE=output_final_state, IS_VARLEN=cu_seqlens is not None,
+        STORE_FINAL_STATE=output_final_state, IS_VARLEN=cu_seqlens is not None, EMU=_emulate_bf16(q),
         num_warps=1 if BK * BV <= 1024 else 4)
     return o, ht
 
