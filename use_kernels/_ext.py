@@ -1,5 +1,6 @@
 """Loads the compiled library `use_kernels._C`, which registers `torch.ops.use_kernels.*`."""
 import functools
+import importlib
 
 _REBUILD = ("use_kernels._C (the compiled segment-gathering ops) is missing or failed to load. "
             "Rebuild it from the repository root with:\n"
@@ -11,6 +12,6 @@ _REBUILD = ("use_kernels._C (the compiled segment-gathering ops) is missing or f
 def load_library() -> None:
     """Import `use_kernels._C` once; on failure raise ImportError saying how to rebuild."""
     try:
-        from . import _C  # noqa: F401  (importing registers the ops)
+        importlib.import_module(f"{__package__}._C")  # loading the library registers the ops
     except ImportError as e:
         raise ImportError(f"{_REBUILD}\nOriginal error: {e}") from e

@@ -80,55 +80,6 @@ def _ops():
     return torch.ops.use_kernels
 
 
-def _register_fakes() -> None:
-    """Shape-only implementations, so the ops trace under torch.compile(fullgraph=True)."""
-
-    def fep_dims(fep_window, num_events):
-        torch._check(fep_window >= 0, lambda: f"fep_window must be >= 0, got {fep_window}")
-        torch._check(num_events >= 0, lambda: f"num_events must be >= 0, got {num_events}")
-        return num_events if _has_fep(fep_window, num_events) else 0
-
-    def check_dtypes(tokens, offsets, users, starts, lengths):
-        torch._check(tokens.dtype == torch.int32, lambda: f"tokens must be int32, got {tokens.dtype}")
-        for name, t in (("offsets", offsets), ("users", users), ("starts", starts),
-                        ("lengths", lengths)):
-            torch._check(t.dtype == torch.int64, lambda: f"{name} must be int64, got {t.dtype}")
-        torch._check(users.shape == starts.shape == lengths.shape,
-                     lambda: "users, starts and lengths must have the same length")
-
-    @torch.library.register_fake("use_kernels::gather_segments")
-    def _(tokens, offsets, users, starts, lengths, max_len, pad_id, fep_window=0, num_events=0,
-          event_offset=5):
-        check_dtypes(tokens, offsets, users, starts, lengths)
-        torch._check(max_len >= 0, lambda: f"max_len must be >= 0, got {max_len}")
-        E = fep_dims(fep_window, num_events)
-        B = users.shape[0]
-        return (tokens.new_empty((B, max_len), dtype=torch.int64),
-                tokens.new_empty((B, max_len), dtype=torch.bool),
-                tokens.new_empty((B, max_len, E), dtype=torch.uint8),
-                tokens.new_empty((B, max_len) if E else (0,), dtype=torch.bool))
-
-    @torch.library.register_fake("use_kernels::gather_segments_packed")
-    def _(tokens, offsets, users, starts, lengths, fep_window=0, num_events=0, event_offset=5):
-        check_dtypes(tokens, offsets, users, starts, lengths)
-        E = fep_dims(fep_window, num_events)
-        B = users.shape[0]
-        total = torch.library.get_ctx().new_dynamic_size()   # sum(lengths): data-dependent
-        return (tokens.new_empty((total,), dtype=torch.int64),
-                tokens.new_empty((B + 1,), dtype=torch.int32),
-                tokens.new_empty((total,), dtype=torch.int64),
-                tokens.new_empty((total, E), dtype=torch.uint8),
-                tokens.new_empty((total,) if E else (0,), dtype=torch.bool))
-
-
-try:
-    load_library()
-    _register_fakes()
-    _LOADED = True
-except ImportError:
-    _LOADED = False  # importing use_kernels still works; calling the ops says how to rebuild
-
-
 def gather_segments(tokens, offsets, users, starts, lengths, *, max_len: int, pad_id: int,
                     fep_window: int = 0, num_events: int = 0, event_offset: int = 5) -> PaddedSegments:
     """Gather B segments into a right-padded batch `[B, max_len]` (+ FEP labels).
@@ -170,7 +121,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _check_ref(name, tokens, offsets, users, starts, lengths, max_len, fep_window, num_events):
+def _check_args(name, tokens, offsets, users, starts, lengths, max_len, fep_window, num_events):
+    """Dtypes, ranks, devices, sizes and scalars (no values): used by the references and the fakes.
+    max_len None = packed."""
     def fail(msg):
         raise RuntimeError(f"{name}: {msg}")
 
@@ -195,6 +148,13 @@ def _check_ref(name, tokens, offsets, users, starts, lengths, max_len, fep_windo
         fail(f"fep_window must be >= 0, got {fep_window}")
     if num_events < 0:
         fail(f"num_events must be >= 0, got {num_events}")
+
+
+def _check_rows(name, tokens, offsets, users, starts, lengths, max_len):
+    """The per-row rules, in the order of check_row (csrc/gather_segments.h)."""
+    def fail(msg):
+        raise RuntimeError(f"{name}: {msg}")
+
     off = offsets.cpu().numpy()
     num_users, num_tokens = off.size - 1, tokens.numel()
     for b, (u, s, n) in enumerate(zip(users.tolist(), starts.tolist(), lengths.tolist())):
@@ -234,7 +194,8 @@ def _segment_ref(tok, begin, n, end, fep_window, num_events, event_offset):
 
 def _ref_inputs(name, tokens, offsets, users, starts, lengths, max_len, fep_window, num_events):
     tokens, offsets, users, starts, lengths = _convert(tokens, offsets, users, starts, lengths)
-    _check_ref(name, tokens, offsets, users, starts, lengths, max_len, fep_window, num_events)
+    _check_args(name, tokens, offsets, users, starts, lengths, max_len, fep_window, num_events)
+    _check_rows(name, tokens, offsets, users, starts, lengths, max_len)
     np_ = [t.cpu().numpy() for t in (tokens, offsets, users, starts, lengths)]
     return tokens.device, np_
 
@@ -282,3 +243,45 @@ def gather_segments_packed_ref(tokens, offsets, users, starts, lengths, *, fep_w
     out = [torch.from_numpy(x).to(device)
            for x in (ids, cu.astype(np.int32), pos, labels, fmask)]
     return PackedSegments(out[0], out[1], out[2], *(out[3:] if fep else (None, None)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Fake (meta) implementations, registered once the library is loaded.
+
+
+def _register_fakes() -> None:
+    """Shape-only implementations (same argument checks), so the ops trace under
+    torch.compile(fullgraph=True)."""
+
+    @torch.library.register_fake("use_kernels::gather_segments")
+    def _(tokens, offsets, users, starts, lengths, max_len, pad_id, fep_window=0, num_events=0,
+          event_offset=5):
+        _check_args("gather_segments", tokens, offsets, users, starts, lengths, max_len,
+                    fep_window, num_events)
+        E = num_events if _has_fep(fep_window, num_events) else 0
+        B = users.shape[0]
+        return (tokens.new_empty((B, max_len), dtype=torch.int64),
+                tokens.new_empty((B, max_len), dtype=torch.bool),
+                tokens.new_empty((B, max_len, E), dtype=torch.uint8),
+                tokens.new_empty((B, max_len) if E else (0,), dtype=torch.bool))
+
+    @torch.library.register_fake("use_kernels::gather_segments_packed")
+    def _(tokens, offsets, users, starts, lengths, fep_window=0, num_events=0, event_offset=5):
+        _check_args("gather_segments_packed", tokens, offsets, users, starts, lengths, None,
+                    fep_window, num_events)
+        E = num_events if _has_fep(fep_window, num_events) else 0
+        B = users.shape[0]
+        total = torch.library.get_ctx().new_dynamic_size()   # sum(lengths): data-dependent
+        return (tokens.new_empty((total,), dtype=torch.int64),
+                tokens.new_empty((B + 1,), dtype=torch.int32),
+                tokens.new_empty((total,), dtype=torch.int64),
+                tokens.new_empty((total, E), dtype=torch.uint8),
+                tokens.new_empty((total,) if E else (0,), dtype=torch.bool))
+
+
+try:
+    load_library()
+    _register_fakes()
+    _LOADED = True
+except ImportError:
+    _LOADED = False  # importing use_kernels still works; calling the ops says how to rebuild
