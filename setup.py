@@ -24,7 +24,8 @@ def _ext_modules():
 
     debug = os.environ.get("DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-std=c++17", "-fopenmp"]
+    # No -std here: torch's BuildExtension adds the standard its headers need (C++17 or C++20).
+    cxx = opt + ["-fopenmp"]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
 
@@ -52,7 +53,7 @@ def _ext_modules():
             sources + cuda_sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=[("USE_KERNELS_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": opt + ["-std=c++17", "--expt-relaxed-constexpr"]},
+            extra_compile_args={"cxx": cxx, "nvcc": opt + ["--expt-relaxed-constexpr"]},
             extra_link_args=["-fopenmp"],
         )
     else:

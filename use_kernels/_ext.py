@@ -15,3 +15,11 @@ def load_library() -> None:
         importlib.import_module(f"{__package__}._C")  # loading the library registers the ops
     except ImportError as e:
         raise ImportError(f"{_REBUILD}\nOriginal error: {e}") from e
+
+
+def built_with_cuda() -> bool:
+    """Whether the loaded `_C` registered CUDA kernels (setup.py builds them when torch is a CUDA
+    build and nvcc is found, or USE_CUDA=1)."""
+    load_library()
+    import torch
+    return torch._C._dispatch_has_kernel_for_dispatch_key("use_kernels::gather_segments", "CUDA")
