@@ -20,7 +20,16 @@ from use_kernels.retention import ops as retention_ops
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 HAVE_TRITON = DEV == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
-needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton needs CUDA or TRITON_INTERPRET=1")
+# Triton cases carry the `cuda` marker too: on a GPU machine `pytest -m cuda` runs them on the real
+# kernels; here they run under the interpreter.
+needs_triton = [pytest.mark.skipif(not HAVE_TRITON, reason="triton needs CUDA or TRITON_INTERPRET=1"),
+                pytest.mark.cuda]
+
+
+def triton_only(fn):
+    for m in needs_triton:
+        fn = m(fn)
+    return fn
 
 # One table of tolerances: max |got - truth| / max(1, max |truth|), by the dtype the backend ran in.
 TOL = {torch.float64: 1e-10, torch.float32: 5e-5}
@@ -124,7 +133,7 @@ TRITON_CASES = [
 ]
 
 
-@needs_triton
+@triton_only
 @pytest.mark.parametrize("T,C,D_k,D_v,H,h0", TRITON_CASES,
                          ids=[f"T{c[0]}-C{c[1]}-Dk{c[2]}-Dv{c[3]}-H{c[4]}-{'h0' if c[5] else 'zero'}"
                               for c in TRITON_CASES])
@@ -317,7 +326,7 @@ def test_gradients(backend, case):
         assert_close(name, a, b, TOL_DGAMMA[dt] if name == "dgamma" else TOL[dt])
 
 
-@needs_triton
+@triton_only
 def test_triton_gradient_of_final_state_only():
     """Loss on the final state alone (o unused): dq is zero, dk/dv/dh0/dgamma still exact."""
     q, k, v, g, s0 = (x.float().to(DEV) for x in make_inputs(1, 40, 2, 16, 16, seed=31))
@@ -379,7 +388,7 @@ def test_low_precision_error_within_2x_plain(backend, dtype):
 # ---------------------------------------------------------------------------------------------
 # torch.compile and torch.library
 # ---------------------------------------------------------------------------------------------
-@needs_triton
+@triton_only
 def test_compile_fullgraph_triton():
     q, k, v, g, s0 = (x.float().to(DEV) for x in make_inputs(1, 40, 2, 16, 16, N=3, seed=51))
     cu = torch.tensor([0, 10, 10, 40], dtype=torch.int32, device=DEV)
@@ -402,7 +411,7 @@ def test_compile_fullgraph_triton():
         assert_close("grad", a.grad, b.grad, 1e-6)
 
 
-@needs_triton
+@triton_only
 def test_opcheck():
     import use_kernels.retention.chunk_triton  # noqa: F401  (registers the ops)
     import use_kernels.retention.recurrent     # noqa: F401
@@ -494,6 +503,7 @@ def test_debug_flag_toggles():
         retention_ops.set_debug_checks(before)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_value_checks_only_in_debug_mode():
     q, k, v, g, _ = make_inputs(1, 12, 2, 8, 8, h0=False, seed=73, dtype=torch.float32)
