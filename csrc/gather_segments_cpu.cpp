@@ -58,10 +58,11 @@ PaddedOut empty_padded(const at::Tensor& like, int64_t B, int64_t max_len, const
                         : at::empty({0}, o.dtype(at::kBool))};
 }
 
-PackedOut empty_packed(const at::Tensor& like, int64_t B, int64_t total, const FepSpec& fep) {
+PackedOut empty_packed(const at::Tensor& like, const at::Tensor& cu_seqlens, int64_t total,
+                       const FepSpec& fep) {
   const auto o = like.options();
   const int64_t E = fep.enabled() ? fep.num_events : 0;
-  return {at::empty({total}, o.dtype(at::kLong)), at::empty({B + 1}, o.dtype(at::kInt)),
+  return {at::empty({total}, o.dtype(at::kLong)), cu_seqlens,
           at::empty({total}, o.dtype(at::kLong)), at::empty({total, E}, o.dtype(at::kByte)),
           at::empty({fep.enabled() ? total : 0}, o.dtype(at::kBool))};
 }
@@ -136,16 +137,17 @@ PackedOut gather_segments_packed_cpu(const at::Tensor& tokens, const at::Tensor&
   const int64_t total = cu[bt.size];
   TORCH_CHECK(total <= std::numeric_limits<int32_t>::max(), op, ": total length ", total,
               " does not fit cu_seqlens (int32)");
+  auto cu_seqlens = at::empty({bt.size + 1}, in.lengths.options().dtype(at::kInt));
+  int32_t* cu32 = cu_seqlens.data_ptr<int32_t>();
+  for (int64_t b = 0; b <= bt.size; ++b) cu32[b] = static_cast<int32_t>(cu[b]);
 
   const FepSpec fep{fep_window, num_events, event_offset};
   const int64_t E = fep.enabled() ? num_events : 0;
-  auto out = empty_packed(in.tokens, bt.size, total, fep);
+  auto out = empty_packed(in.tokens, cu_seqlens, total, fep);
   int64_t* ids = std::get<0>(out).data_ptr<int64_t>();
-  int32_t* cu32 = std::get<1>(out).data_ptr<int32_t>();
   int64_t* pos = std::get<2>(out).data_ptr<int64_t>();
   uint8_t* labels = std::get<3>(out).data_ptr<uint8_t>();
   bool* fmask = std::get<4>(out).data_ptr<bool>();
-  for (int64_t b = 0; b <= bt.size; ++b) cu32[b] = static_cast<int32_t>(cu[b]);
 
   const int64_t avg_len = bt.size ? total / bt.size + 1 : 1;
   at::parallel_for(0, bt.size, grain_for(avg_len * (17 + E)), [&](int64_t b0, int64_t b1) {

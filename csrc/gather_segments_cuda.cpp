@@ -104,8 +104,7 @@ PackedOut gather_segments_packed_cuda(const at::Tensor& tokens, const at::Tensor
   TORCH_CHECK(total <= std::numeric_limits<int32_t>::max(), op, ": total length ", total,
               " does not fit cu_seqlens (int32)");
 
-  auto out = empty_packed(in.tokens, bt.size, total, fep);
-  std::get<1>(out) = cu_seqlens;
+  auto out = empty_packed(in.tokens, cu_seqlens, total, fep);
   const GatherOutputs o{std::get<0>(out).data_ptr<int64_t>(), nullptr,
                         std::get<2>(out).data_ptr<int64_t>(),
                         fep.enabled() ? std::get<3>(out).data_ptr<uint8_t>() : nullptr,

@@ -29,9 +29,11 @@ Inputs check_inputs(const char* op, const at::Tensor& tokens, const at::Tensor& 
                     int64_t max_len, int64_t fep_window, int64_t num_events, bool packed);
 
 // Outputs on the device of `like`. Without FEP, fep_labels is [.., 0] and fep_mask is [0]
-// (the Python wrappers return None for both).
+// (the Python wrappers return None for both). The packed outputs take the already filled
+// cu_seqlens [B+1] int32: `total` is only known once it exists.
 PaddedOut empty_padded(const at::Tensor& like, int64_t B, int64_t max_len, const FepSpec& fep);
-PackedOut empty_packed(const at::Tensor& like, int64_t B, int64_t total, const FepSpec& fep);
+PackedOut empty_packed(const at::Tensor& like, const at::Tensor& cu_seqlens, int64_t total,
+                       const FepSpec& fep);
 
 PaddedOut gather_segments_cpu(const at::Tensor& tokens, const at::Tensor& offsets,
                               const at::Tensor& users, const at::Tensor& starts,
