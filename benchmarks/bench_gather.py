@@ -154,7 +154,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--batch", type=int, nargs="+", default=None,
-                    help="segments per batch (default: 64 on CPU; 64 and 1024 on CUDA)")
+                    help="segments per batch (default: 64 and 256 on CPU; 64 and 1024 on CUDA)")
     ap.add_argument("--seg-len", type=int, default=512)
     ap.add_argument("--user-len", type=int, default=4000)
     ap.add_argument("--events", type=int, default=52, help="E, the number of event types")
@@ -164,7 +164,7 @@ def main():
     dev = args.device
     if dev == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU visible")
-    batches = args.batch or ([64] if dev == "cpu" else [64, 1024])
+    batches = args.batch or ([64, 256] if dev == "cpu" else [64, 1024])
     L, E = args.seg_len, args.events
 
     num_users = max(batches) * 2
@@ -172,10 +172,15 @@ def main():
     tokens, offsets = torch.from_numpy(tokens_np).to(dev), torch.from_numpy(offsets_np).to(dev)
     user_seqs = [tokens_np[offsets_np[u]:offsets_np[u + 1]].tolist() for u in range(num_users)]
 
+    load = os.getloadavg()[0]
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                commit=git_commit(), device_name=device_name(dev), torch=torch.__version__)
+                commit=git_commit(), device_name=device_name(dev), torch=torch.__version__,
+                threads=torch.get_num_threads(), loadavg_1min=round(load, 2))
     print(f"gather_segments benchmark | {meta['device_name']} | torch {meta['torch']} | "
-          f"commit {meta['commit']}")
+          f"commit {meta['commit']} | load average {load:.2f} on {os.cpu_count()} CPUs")
+    if dev == "cpu" and load > 0.5 * (os.cpu_count() or 1):
+        print("note: the machine is busy; multi-threaded rows wait on descheduled threads, "
+              "the *_1thread rows are the stable measure")
     print(f"segments of {L} from users of {args.user_len} events, E={E}\n")
     header = f"{'provider':<20}{'B':>6}{'W':>5}{'time':>12}{'vs reference':>14}{'GB/s':>9}"
     if dev == "cuda":
