@@ -234,11 +234,13 @@ def _fla():
 def gpu_fn(provider, gamma, fla_fn):
     if provider == "fla":
         log_g = torch.log(gamma.float())
+        per_token = {}   # g = log γ per token [B, T, H], built once per shape (outside the timing)
 
         def f(q, k, v):
             B, T, H, _ = q.shape
-            g = log_g.view(1, 1, H).expand(B, T, H).contiguous()
-            return fla_fn(q=q, k=k, v=v, g=g, scale=q.shape[-1] ** -0.5)[0]
+            if (B, T) not in per_token:
+                per_token[(B, T)] = log_g.view(1, 1, H).expand(B, T, H).contiguous()
+            return fla_fn(q=q, k=k, v=v, g=per_token[(B, T)], scale=q.shape[-1] ** -0.5)[0]
         return f
     if provider == "triton_recurrent":
         return lambda q, k, v: recurrent_retention(q, k, v, gamma, backend="triton")[0]
@@ -246,11 +248,10 @@ def gpu_fn(provider, gamma, fla_fn):
     return lambda q, k, v: chunk_retention(q, k, v, gamma, backend=backend)[0]
 
 
-def check_gpu(providers, fla_fn) -> None:
+def check_gpu(providers, fla_fn, dev="cuda", shape=(2, 300, 4, 64)) -> None:
     """Fresh data, float64 truth; bf16 must be within 2x the error of plain bf16 PyTorch and fp32
     within 1e-4 relative, outputs and gradients. Exits before any timing on a failure."""
-    dev = "cuda"
-    B, T, H, D = 2, 300, 4, 64
+    B, T, H, D = shape
     q, k, v, gamma = make(B, T, H, D, torch.float64, dev, seed=321)
     w = torch.randn(B, T, H, D, dtype=torch.float64, device=dev)
 
@@ -298,27 +299,39 @@ def _plain_bf16(q, k, v, gamma):
     return (((qf @ kf.transpose(-1, -2)) * decay * q.shape[-1] ** -0.5) @ vf).transpose(1, 2)
 
 
-def copy_bandwidth() -> float:
-    """Bytes/s of a 1 GiB device-to-device copy (read + write counted)."""
+def _do_bench(fn, grad_to_none=None, smoke=False) -> float:
+    """Median ms: triton.testing.do_bench on the GPU; a plain timer in --_smoke mode."""
+    if smoke:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
     import triton.testing
-    n = 2**28
-    a = torch.empty(n, dtype=torch.float32, device="cuda")
+    return triton.testing.do_bench(fn, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])[0]
+
+
+def copy_bandwidth(dev="cuda", smoke=False) -> float:
+    """Bytes/s of a 1 GiB device-to-device copy (read + write counted)."""
+    n = 2**28 if not smoke else 2**20
+    a = torch.empty(n, dtype=torch.float32, device=dev)
     b = torch.empty_like(a)
-    ms = triton.testing.do_bench(lambda: b.copy_(a), quantiles=[0.5, 0.2, 0.8])[0]
+    ms = _do_bench(lambda: b.copy_(a), smoke=smoke)
     return 2 * a.numel() * 4 / (ms * 1e-3)
 
 
 def run_gpu(args) -> list:
-    import triton.testing
-    fla_fn = _fla()
+    smoke = args._smoke      # the GPU code path on CPU tensors (Triton interpreter), tiny shapes
+    dev = "cpu" if smoke else "cuda"
+    cuda = dev == "cuda"
+    fla_fn = _fla() if cuda else None
     providers = ["triton", "torch_chunk", "reference"] + (["fla"] if fla_fn is not None else [])
-    check_gpu(["triton", "triton_recurrent", "torch_chunk"] + (["fla"] if fla_fn else []), fla_fn)
-    bw = copy_bandwidth()
+    check_gpu(["triton", "triton_recurrent", "torch_chunk"] + (["fla"] if fla_fn else []), fla_fn, dev,
+              (2, 300, 4, 64) if cuda else (1, 40, 2, 32))
+    bw = copy_bandwidth(dev, smoke)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
     B, H, D, C = args.B or 8, args.H, args.D, 64
     Ts = args.T or [512, 1024, 2048, 4096, 8192]
     dtype = torch.bfloat16
-    free = torch.cuda.mem_get_info()[0]
+    free = torch.cuda.mem_get_info()[0] if cuda else 2**34
     rows = []
     for T in Ts:
         flops_fwd = B * H * T * (4 * C * D + 4 * D * D)        # PERFORMANCE.md chunkwise count
@@ -329,22 +342,23 @@ def run_gpu(args) -> list:
             if provider == "reference" and 6 * B * H * T * T * 4 > 0.8 * free:
                 res[provider] = None                            # [B, H, T, T] fp32 ×~6 would not fit
                 continue
-            q, k, v, gamma = make(B, T, H, D, dtype, "cuda", requires_grad=True)
+            q, k, v, gamma = make(B, T, H, D, dtype, dev, requires_grad=True)
             do = torch.randn_like(v)
             fn = gpu_fn(provider, gamma, fla_fn)
             try:
                 with torch.no_grad():
-                    ms_f = triton.testing.do_bench(lambda: fn(q, k, v), quantiles=[0.5, 0.2, 0.8])[0]
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                ms_fb = triton.testing.do_bench(lambda: fn(q, k, v).backward(do), grad_to_none=[q, k, v],
-                                                quantiles=[0.5, 0.2, 0.8])[0]
-                peak = torch.cuda.max_memory_allocated() - base
+                    ms_f = _do_bench(lambda: fn(q, k, v), smoke=smoke)
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated() if cuda else 0
+                ms_fb = _do_bench(lambda: fn(q, k, v).backward(do), grad_to_none=[q, k, v], smoke=smoke)
+                peak = torch.cuda.max_memory_allocated() - base if cuda else 0
                 res[provider] = (ms_f, ms_fb, peak)
             except torch.cuda.OutOfMemoryError:
                 res[provider] = None
             del q, k, v, do
-            torch.cuda.empty_cache()
+            if cuda:
+                torch.cuda.empty_cache()
         ref = res.get("reference")
         for provider in providers:
             r = res[provider]
@@ -367,7 +381,7 @@ def run_gpu(args) -> list:
                     row.update(vs_fla_fwd=res["fla"][0] / ms_f, vs_fla_fwd_bwd=res["fla"][1] / ms_fb)
             rows.append(row)
             print_row(row, first=len(rows) == 1, cols=COLS_GPU)
-    rows += run_recurrent_gpu(args, bw)
+    rows += run_recurrent_gpu(args, bw, dev, smoke)
     return rows
 
 
@@ -377,15 +391,14 @@ COLS_GPU = [("provider", "16s"), ("T", "6d"), ("fwd_ms", "9.3f"), ("fwd_bwd_ms",
             ("vs_fla_fwd_bwd", "15.2f"), ("note", "24s")]
 
 
-def run_recurrent_gpu(args, bw) -> list:
+def run_recurrent_gpu(args, bw, dev="cuda", smoke=False) -> list:
     """Streaming update: N users × H heads, a few new tokens each, states in and out (float32)."""
-    import triton.testing
     H, D = args.H, args.D
     rows = []
     print()
-    for N, T_new in ((4096, 1), (4096, 4), (16384, 4), (4096, 16)):
-        q, k, v, gamma = make(N, T_new, H, D, torch.bfloat16, "cuda")
-        s0 = torch.randn(N, H, D, D, device="cuda")
+    for N, T_new in (((4096, 1), (4096, 4), (16384, 4), (4096, 16)) if not smoke else ((8, 1), (8, 4))):
+        q, k, v, gamma = make(N, T_new, H, D, torch.bfloat16, dev)
+        s0 = torch.randn(N, H, D, D, device=dev)
         moved = 2 * s0.numel() * 4 + 4 * q.numel() * 2               # states in+out, q,k,v,o
         for provider in ("triton_recurrent", "triton", "torch_chunk"):
             if provider == "triton_recurrent":
@@ -395,7 +408,7 @@ def run_recurrent_gpu(args, bw) -> list:
                 be = PROVIDER_BACKEND[provider]
                 f = lambda: chunk_retention(q, k, v, gamma, initial_state=s0, output_final_state=True,  # noqa: E731
                                             backend=be)
-            ms = triton.testing.do_bench(f, quantiles=[0.5, 0.2, 0.8])[0]
+            ms = _do_bench(f, smoke=smoke)
             row = dict(provider=f"update:{provider}", T=T_new, B=N, H=H, D=D, dtype="bfloat16",
                        fwd_ms=ms, gbps_fwd=moved / (ms * 1e-3) / 1e9,
                        pct_copy_bw=100 * moved / (ms * 1e-3) / bw)
@@ -416,20 +429,25 @@ def main():
     ap.add_argument("--D", type=int, default=64)
     ap.add_argument("--budget", type=float, default=12.0, help="CPU seconds of timing per T (both providers)")
     ap.add_argument("--csv", default=None, help="output CSV (default benchmarks/results/retention_<device>.csv)")
+    ap.add_argument("--_smoke", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--_memory-worker", nargs=5, metavar=("PROVIDER", "T", "B", "H", "D"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._memory_worker:
         p, T, B, H, D = args._memory_worker
         print(json.dumps(memory_worker(p, int(T), int(B), int(H), int(D))))
         return
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if args._smoke:   # exercise the GPU mode's code on the CPU before spending GPU time on it
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        args.device, args.B, args.H, args.D, args.T = "cuda", 1, 2, 32, args.T or [32, 64]
+        args.csv = args.csv or os.devnull
+    elif args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no GPU here")
 
     t0 = time.time()
     rows = run_cpu(args) if args.device == "cpu" else run_gpu(args)
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 device=args.device,
-                device_name=(torch.cuda.get_device_name() if args.device == "cuda"
+                device_name=(torch.cuda.get_device_name() if args.device == "cuda" and not args._smoke
                              else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"),
                 commit=commit(), **versions())
     path = args.csv or os.path.join(ROOT, "benchmarks", "results", f"retention_{args.device}.csv")

@@ -283,6 +283,7 @@ GRAD_CASES = {  # name: (B, T, H, D_k, D_v, cu_seqlens, h0, final)
     "regular": (2, 70, 3, 40, 24, None, True, True),
     "varlen": (1, 90, 2, 16, 32, [0, 3, 40, 40, 90], True, True),
     "no_state": (2, 33, 2, 16, 16, None, False, False),
+    "wide": (1, 40, 1, 160, 200, None, True, True),   # D > 128: state tiles split over blocks
 }
 
 

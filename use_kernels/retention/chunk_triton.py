@@ -4,9 +4,10 @@ Design (aimed at the IO floor, see PERFORMANCE.md): fla's chunk kernels write ev
 state to memory and read it back in a second kernel (≈2× the minimal bytes forward, ≈6× backward).
 Here each program owns one (sequence n, head h, D_v block) and walks that sequence's chunks in
 order with the state [D_k, BV] held on chip, so the forward reads q, k, v once and writes o once.
-The backward never stores states either: one kernel re-runs the forward recurrence to get the
-states it needs for dq, the other runs the adjoint recurrence from the last chunk to get dk, dv
-and d(initial_state). Both read q/k/v/do once. All accumulation is float32.
+The backward never stores states either: one launch holds two kinds of programs, one re-runs
+the forward recurrence to get the states it needs for dq, the other runs the adjoint recurrence
+from the last chunk to get dk, dv and d(initial_state). Each reads q/k/v/do once. All
+accumulation is float32.
 
 Notation per chunk (C = chunk size, rows r / columns c = position inside the chunk, L = valid
 tokens in this chunk, s = scale, S = state before the chunk, G = adjoint of the state after it):
@@ -30,6 +31,7 @@ kernels add their share in float32 while they hold dq / dk anyway: dγ costs no 
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -147,17 +149,17 @@ def _chunk_retention_fwd_kernel(q, k, v, o, g, h0, ht, cu_seqlens, scale, T,
 
 
 # ------------------------------------------------------------------------------------------------
-# backward 1 (forward sweep, recomputes S): dQ = dA K + γ^{r+1} ⊙ (dO Sᵀ)
-# grid (NK, N, H); state tile [BK, BV ⊇ D_v]. Adds Σ t·q_t·dq_t (+ L·⟨dS_T, S_T⟩) to d log γ.
+# backward, role 1 (forward sweep, recomputes S): dQ = dA K + γ^{r+1} ⊙ (dO Sᵀ)
+# one program per (D_k block, n, h); state tile [BK, BV ⊇ D_v].
+# Writes Σ t·q_t·dq_t (+ L·⟨dS_T, S_T⟩) to its d log γ slot.
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def _chunk_retention_bwd_dq_kernel(q, k, v, do, dq, g, h0, dht, dlg, cu_seqlens, scale, T,
-                                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                                   USE_INITIAL_STATE: tl.constexpr, USE_FINAL_STATE_GRAD: tl.constexpr,
-                                   IS_VARLEN: tl.constexpr, DGAMMA: tl.constexpr, DOT_PREC: tl.constexpr, EMU: tl.constexpr):
+def _bwd_dq_sweep(q, k, v, do, dq, g, h0, dht, dlg, cu_seqlens, scale, T, i_k, i_slot, i_n, i_h,
+                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                  USE_INITIAL_STATE: tl.constexpr, USE_FINAL_STATE_GRAD: tl.constexpr,
+                  IS_VARLEN: tl.constexpr, DGAMMA: tl.constexpr, DOT_PREC: tl.constexpr, EMU: tl.constexpr):
     dt = q.dtype.element_ty
-    i_k, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
     log2g = tl.log2(tl.load(g + i_h).to(tl.float32))
 
@@ -206,23 +208,22 @@ def _chunk_retention_bwd_dq_kernel(q, k, v, do, dq, g, h0, dht, dlg, cu_seqlens,
         if USE_FINAL_STATE_GRAD:
             b_dht = tl.load(dht + p_state, mask=m_state, other=0.0)
             lg += (eos - bos).to(tl.float32) * tl.sum(tl.sum(b_dht * b_h, axis=1), axis=0)
-        tl.store(dlg + (i_k * tl.num_programs(1) + i_n) * H + i_h, lg)
+        tl.store(dlg + (i_slot * tl.num_programs(1) + i_n) * H + i_h, lg)
 
 
 # ------------------------------------------------------------------------------------------------
-# backward 2 (reverse sweep over chunks, adjoint state G):
+# backward, role 2 (reverse sweep over chunks, adjoint state G):
 #   dV = Aᵀ dO + sγ^{L-1-c} ⊙ (K G);   dK = dAᵀ Q + sγ^{L-1-c} ⊙ (V Gᵀ);   G ← γ^L G + (γ^{r+1} ⊙ Q)ᵀ dO
-# grid (NV, N, H); adjoint tile [BK ⊇ D_k, BV]. dK is partial over the D_v blocks when NV > 1
-# (summed by the launcher). Subtracts Σ t·k_t·dk_t from d log γ.
+# one program per (D_v block, n, h); adjoint tile [BK ⊇ D_k, BV]. dK is partial over the D_v
+# blocks when NV > 1 (summed by the launcher). Writes −Σ t·k_t·dk_t to its d log γ slot.
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def _chunk_retention_bwd_dkv_kernel(q, k, v, do, dk, dv, dh0, g, dht, dlg, cu_seqlens, scale, T, stride_dk_nv,
-                                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                                    STORE_DH0: tl.constexpr, USE_FINAL_STATE_GRAD: tl.constexpr,
-                                    IS_VARLEN: tl.constexpr, DGAMMA: tl.constexpr, DOT_PREC: tl.constexpr, EMU: tl.constexpr):
+def _bwd_dkv_sweep(q, k, v, do, dk, dv, dh0, g, dht, dlg, cu_seqlens, scale, T, stride_dk_nv, i_v, i_slot, i_n, i_h,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                   STORE_DH0: tl.constexpr, USE_FINAL_STATE_GRAD: tl.constexpr,
+                   IS_VARLEN: tl.constexpr, DGAMMA: tl.constexpr, DOT_PREC: tl.constexpr, EMU: tl.constexpr):
     dt = q.dtype.element_ty
-    i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
     log2g = tl.log2(tl.load(g + i_h).to(tl.float32))
 
@@ -277,12 +278,46 @@ def _chunk_retention_bwd_dkv_kernel(q, k, v, do, dk, dv, dh0, g, dht, dlg, cu_se
     if STORE_DH0:
         tl.store(dh0 + p_state, b_dh, mask=m_state)
     if DGAMMA:
-        tl.store(dlg + (i_v * tl.num_programs(1) + i_n) * H + i_h, tl.sum(b_lg, axis=0))
+        tl.store(dlg + (i_slot * tl.num_programs(1) + i_n) * H + i_h, tl.sum(b_lg, axis=0))
+
+
+# ------------------------------------------------------------------------------------------------
+# backward: both sweeps in one launch. grid (NK + NV, N, H): programs 0..NK-1 run the dq sweep,
+# NK..NK+NV-1 the dk/dv sweep. They are independent (each reads q, k, v, do once), so one launch
+# doubles the parallelism of the backward at no extra traffic (B·H programs alone do not fill
+# an H200's 132 SMs at B=8, H=12).
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _chunk_retention_bwd_kernel(q, k, v, do, dq, dk, dv, dh0, g, h0, dht, dlg, cu_seqlens, scale, T, stride_dk_nv,
+                                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                                NK: tl.constexpr, BK_Q: tl.constexpr, BV_Q: tl.constexpr,
+                                BK_KV: tl.constexpr, BV_KV: tl.constexpr,
+                                USE_INITIAL_STATE: tl.constexpr, STORE_DH0: tl.constexpr,
+                                USE_FINAL_STATE_GRAD: tl.constexpr, IS_VARLEN: tl.constexpr,
+                                DGAMMA: tl.constexpr, DOT_PREC: tl.constexpr, EMU: tl.constexpr):
+    i_b, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if i_b < NK:
+        _bwd_dq_sweep(q, k, v, do, dq, g, h0, dht, dlg, cu_seqlens, scale, T, i_b, i_b, i_n, i_h,
+                      H, K, V, BT, BK_Q, BV_Q, USE_INITIAL_STATE, USE_FINAL_STATE_GRAD, IS_VARLEN,
+                      DGAMMA, DOT_PREC, EMU)
+    else:
+        _bwd_dkv_sweep(q, k, v, do, dk, dv, dh0, g, dht, dlg, cu_seqlens, scale, T, stride_dk_nv, i_b - NK, i_b,
+                       i_n, i_h, H, K, V, BT, BK_KV, BV_KV, STORE_DH0, USE_FINAL_STATE_GRAD, IS_VARLEN,
+                       DGAMMA, DOT_PREC, EMU)
 
 
 # ------------------------------------------------------------------------------------------------
 # launchers
 # ------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _sm_count_cached(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    return _sm_count_cached(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def _num_seqs(q: Tensor, cu_seqlens: Optional[Tensor]) -> int:
     return q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
 
@@ -302,6 +337,12 @@ def chunk_retention_fwd(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, scale: f
         return o, ht
     BK = _pow2(K)
     BV = min(_pow2(V), max(16, _MAX_STATE_TILE // BK))
+    if q.is_cuda:
+        # Fewer (sequence, head) pairs than SMs: split D_v further so every SM gets a program.
+        # Each D_v block re-reads q and k, but the blocks of one (n, h) run together and hit L2.
+        sms = _sm_count(q.device)
+        while BV > 32 and N * H * triton.cdiv(V, BV) < sms:
+            BV //= 2
     grid = (triton.cdiv(V, BV), N, H)
     _chunk_retention_fwd_kernel[grid](
         q, k, v, o, gamma, initial_state if initial_state is not None else q, ht if output_final_state else q,
@@ -334,34 +375,27 @@ def chunk_retention_bwd(q: Tensor, k: Tensor, v: Tensor, do: Tensor, gamma: Tens
     cu = cu_seqlens if varlen else dummy
     prec = _dot_precision(q.dtype)
 
-    # dq: state tile [BK, whole D_v]
-    BV = _pow2(V)
-    BK = min(_pow2(K), max(16, _MAX_STATE_TILE // BV))
-    NK = triton.cdiv(K, BK)
-    dlg_q = q.new_zeros((NK, N, H), dtype=torch.float32)
-    _chunk_retention_bwd_dq_kernel[(NK, N, H)](
-        q, k, v, do, dq, gamma, initial_state if initial_state is not None else dummy,
-        dht if dht is not None else dummy, dlg_q, cu, scale, T,
-        H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV,
-        USE_INITIAL_STATE=initial_state is not None, USE_FINAL_STATE_GRAD=dht is not None,
-        IS_VARLEN=varlen, DGAMMA=need_dgamma, DOT_PREC=prec, EMU=_emulate_bf16(q), num_warps=_num_warps(BK, BV))
-
-    # dk, dv, dh0: adjoint tile [whole D_k, BV]
-    BK = _pow2(K)
-    BV = min(_pow2(V), max(16, _MAX_STATE_TILE // BK))
-    NV = triton.cdiv(V, BV)
+    # dq sweep: state tile [BK, whole D_v]; dk/dv sweep: adjoint tile [whole D_k, BV]
+    BV_Q = _pow2(V)
+    BK_Q = min(_pow2(K), max(16, _MAX_STATE_TILE // BV_Q))
+    NK = triton.cdiv(K, BK_Q)
+    BK_KV = _pow2(K)
+    BV_KV = min(_pow2(V), max(16, _MAX_STATE_TILE // BK_KV))
+    NV = triton.cdiv(V, BV_KV)
     dk = torch.empty_like(k) if NV == 1 else q.new_empty((NV,) + tuple(k.shape), dtype=torch.float32)
-    dlg_kv = q.new_zeros((NV, N, H), dtype=torch.float32)
-    _chunk_retention_bwd_dkv_kernel[(NV, N, H)](
-        q, k, v, do, dk, dv, dh0 if need_dh0 else dummy, gamma, dht if dht is not None else dummy,
-        dlg_kv, cu, scale, T, k.numel() if NV > 1 else 0,
-        H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV,
-        STORE_DH0=need_dh0, USE_FINAL_STATE_GRAD=dht is not None,
-        IS_VARLEN=varlen, DGAMMA=need_dgamma, DOT_PREC=prec, EMU=_emulate_bf16(q), num_warps=_num_warps(BK, BV))
+    dlg = q.new_empty((NK + NV, N, H) if need_dgamma else (0,), dtype=torch.float32)
+    _chunk_retention_bwd_kernel[(NK + NV, N, H)](
+        q, k, v, do, dq, dk, dv, dh0 if need_dh0 else dummy, gamma,
+        initial_state if initial_state is not None else dummy, dht if dht is not None else dummy,
+        dlg if need_dgamma else dummy, cu, scale, T, k.numel() if NV > 1 else 0,
+        H=H, K=K, V=V, BT=chunk_size, NK=NK, BK_Q=BK_Q, BV_Q=BV_Q, BK_KV=BK_KV, BV_KV=BV_KV,
+        USE_INITIAL_STATE=initial_state is not None, STORE_DH0=need_dh0,
+        USE_FINAL_STATE_GRAD=dht is not None, IS_VARLEN=varlen, DGAMMA=need_dgamma,
+        DOT_PREC=prec, EMU=_emulate_bf16(q), num_warps=_num_warps(max(BK_Q, BK_KV), max(BV_Q, BV_KV)))
     if NV > 1:
         dk = dk.sum(0).to(k.dtype)
     if need_dgamma:
-        dgamma = (dlg_q.sum((0, 1)) + dlg_kv.sum((0, 1))) / gamma.float()
+        dgamma = dlg.sum((0, 1)) / gamma.float()
     return dq, dk, dv, dh0, dgamma
 
 
