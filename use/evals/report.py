@@ -82,6 +82,12 @@ def _savefig(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def _legend_below(fig, ax) -> None:
+    """One legend for the figure, under the axes, so no curve is hidden behind it."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=4, fontsize=8, frameon=False)
+
+
 def write_plots(out_dir, results: dict) -> List[Path]:
     """reid.png (MRR and top-1 vs period), classification.png (AUC and F1 vs period),
     timing.png (cumulative and per-period embedding time, stateful vs recompute)."""
@@ -109,7 +115,7 @@ def write_plots(out_dir, results: dict) -> List[Path]:
         lines(ax, results["reid"], metric, lambda v: v)
         ax.set_ylabel(metric.upper() if metric == "mrr" else "top-1")
     axes[0].set_title("Re-ID: context after each period vs histories")
-    axes[1].legend(fontsize=7, ncol=2)
+    _legend_below(fig, axes[0])
     written.append(out / "reid.png")
     _savefig(fig, written[-1])
 
@@ -120,7 +126,7 @@ def write_plots(out_dir, results: dict) -> List[Path]:
             lines(ax, c["periods"], metric, lambda v: v["mean"])
             ax.set_ylabel(f"macro {metric.upper()} (mean over seeds)")
         axes[0].set_title("Probe (trained on histories) on context embeddings")
-        axes[1].legend(fontsize=7, ncol=2)
+        _legend_below(fig, axes[0])
         written.append(out / "classification.png")
         _savefig(fig, written[-1])
 
