@@ -260,6 +260,9 @@ def classify_all(protocol, ev, keep, user_ids, cand, queries, hist_period_feats,
         if has2.sum() < 2:
             raise SystemExit(f"use-eval: identity labels need users with >= 2 history periods of "
                              f"{args.period_len} events; only {int(has2.sum())} have them")
+        if (~has2).any():
+            _log(f"{int((~has2).sum())} of {N} users have fewer than 2 history periods of {args.period_len} "
+                 f"events: left out of the identity probe (still in re-ID)")
         sel = has2[owner]
         owner, hp_index = owner[sel], hp_index[sel]
         hist_period_feats = {k: v[sel] for k, v in hist_period_feats.items()}
