@@ -192,11 +192,16 @@ def test_use_embed_cli_updates_store_incrementally(tmp_path, capsys):
     assert np.load(npy).shape == (2, 32) and (tmp_path / "emb.ids.txt").read_text() == "bob\nann\n"
 
 
-def test_use_embed_bad_inputs(tmp_path):
+def test_use_embed_bad_inputs(tmp_path, capsys):
     mdir = _model_dir(tmp_path)
     (tmp_path / "bad.tsv").write_text("u1\te1 e2\nu2 e3 e4\n")
     with pytest.raises(ValueError, match=r"bad.tsv, line 2: expected `user_id<TAB>events`, found no tab"):
         read_user_events(tmp_path / "bad.tsv", tiny_vocab())
+    args = ["--model", str(mdir), "--store", str(tmp_path / "s"), "--input", str(tmp_path / "bad.tsv")]
+    assert embed_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("use-embed: error: ") and "bad.tsv, line 2: expected `user_id<TAB>events`" in err
     (mdir / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="has no model.safetensors"):
-        embed_main(["--model", str(mdir), "--store", str(tmp_path / "s"), "--input", str(tmp_path / "bad.tsv")])
+    assert embed_main(args) == 2
+    assert "has no model.safetensors" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists(), "a failed run must not create the store"

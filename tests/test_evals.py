@@ -180,11 +180,11 @@ def test_use_eval_identity_labels(tmp_path, capsys):
     assert "user identity, 4 users" in capsys.readouterr().out
 
 
-def test_use_eval_bad_inputs(tmp_path):
+def test_use_eval_bad_inputs(tmp_path, capsys):
     model, data = _eval_setup(tmp_path)
     (tmp_path / "nocontext.tsv").write_text("user_id\thistory\nu1\te1 e2\n")
-    with pytest.raises(ValueError, match="context"):
-        eval_main(["--model", str(model), "--data", str(tmp_path / "nocontext.tsv"), "--quiet"])
+    err = _err(eval_main, capsys, model, tmp_path / "nocontext.tsv")
+    assert err.startswith("use-eval: error: ") and "nocontext.tsv: missing column(s) 'context'" in err
     with pytest.raises(SystemExit, match="no user has a context of 4000 events"):
         eval_main(["--model", str(model), "--data", str(data), "--quiet"])
     with pytest.raises(SystemExit, match="--labels column, but .* has no 'label' column"):
@@ -192,5 +192,9 @@ def test_use_eval_bad_inputs(tmp_path):
         eval_main(["--model", str(model), "--data", str(nolab), "--periods", "2", "--period-len", "20",
                    "--labels", "column", "--quiet"])
     (model / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="has no model.safetensors"):
-        eval_main(["--model", str(model), "--data", str(data), "--quiet"])
+    assert "has no model.safetensors (train one with `use-train" in _err(eval_main, capsys, model, data)
+
+
+def _err(fn, capsys, model, data) -> str:
+    assert fn(["--model", str(model), "--data", str(data), "--quiet"]) == 2
+    return capsys.readouterr().err

@@ -405,6 +405,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as e:      # bad input: the message says what and where
+        print(f"use-embed: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     from .checkpoint import load_model_dir
     from .store import UserStateStore
 

@@ -304,7 +304,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .report import format_table, write_json, write_plots
 
     args = build_parser().parse_args(argv)
-    results = run_eval(args)
+    try:
+        results = run_eval(args)
+    except (ValueError, FileNotFoundError) as e:      # bad input: the message says what and where
+        print(f"use-eval: error: {e}", file=sys.stderr)
+        return 2
     out = Path(args.out) if args.out else Path(results["meta"]["model"]) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", results)
