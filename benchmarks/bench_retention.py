@@ -12,7 +12,12 @@ CPU (default)
     that every allocation of 64 KiB or more is its own mapping, returned to the OS when freed: the
     figure then counts what was really live at the peak, including temporaries inside ATen kernels
     that tensor-level tracking would miss, and nothing retained from an earlier measurement.
-    Timing runs in this process with the default allocator: medians of repeated calls.
+    Timing runs in this process with the default allocator: medians of calls that alternate
+    between the providers. OMP_WAIT_POLICY defaults to PASSIVE here: on a machine whose cores are
+    shared with other jobs, OpenMP's default active spin-wait makes every parallel region wait for
+    a descheduled thread, and a path made of many small ops (the chunkwise one) slowed down 10-100x
+    in our runs while the reference (a few huge, page-fault-bound ops) barely moved. PASSIVE
+    removes that artefact without favouring either side; pass OMP_WAIT_POLICY=ACTIVE to compare.
 
 GPU (--device cuda), run by benchmarks/device_check.sh
     bf16, B=8, H=12, D=64, T = 512 … 8192, forward and forward+backward for triton, torch_chunk,
@@ -40,7 +45,10 @@ import subprocess
 import sys
 import time
 
-import torch
+# Must precede `import torch` (libgomp reads it when loaded); see the docstring.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
@@ -448,7 +456,8 @@ def main():
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 device=args.device,
                 device_name=(torch.cuda.get_device_name() if args.device == "cuda" and not args._smoke
-                             else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"),
+                             else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads, "
+                                  f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')})"),
                 commit=commit(), **versions())
     path = args.csv or os.path.join(ROOT, "benchmarks", "results", f"retention_{args.device}.csv")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

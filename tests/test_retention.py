@@ -517,3 +517,22 @@ def test_cuda_value_checks_only_in_debug_mode():
             chunk_retention(q, k, v, g, cu_seqlens=bad_cu)
     finally:
         retention_ops.set_debug_checks(before)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_forward_has_no_host_sync():
+    """The triton forward (chunk and recurrent, varlen) never waits for the device: CUDA graphs
+    and asynchronous pipelines depend on it. set_sync_debug_mode('error') raises on any sync."""
+    q, k, v, g, s0 = (x.float().cuda() for x in make_inputs(1, 100, 2, 32, 32, N=3, seed=81))
+    cu = torch.tensor([0, 30, 30, 100], dtype=torch.int32, device="cuda")
+    kw = dict(initial_state=s0, output_final_state=True, cu_seqlens=cu, backend="triton")
+    chunk_retention(q, k, v, g, **kw)          # warm-up: compile outside the checked region
+    recurrent_retention(q, k, v, g, **kw)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        chunk_retention(q, k, v, g, **kw)
+        recurrent_retention(q, k, v, g, **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

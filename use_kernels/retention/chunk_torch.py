@@ -109,51 +109,12 @@ def chunk_retention_torch(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, scale:
         S0 = initial_state.to(sd)
     else:
         S0 = q.new_zeros(N, H, D_k, D_v, dtype=sd)
-    first = [0] * N
-    acc = 0
-    for n in range(N):
-        first[n] = acc
-        acc += n_chunks[n]
-    order = sorted(range(N), key=lambda n: -n_chunks[n])                    # most chunks first
-    max_nc = n_chunks[order[0]] if N else 0
-    S = S0 if order == list(range(N)) else S0[torch.tensor(order, device=dev)]
-    prev_parts: List[Tensor] = []                # S_i for the chunks taken at each step
-    prev_chunks: List[int] = []
-    final_parts: List[Tensor] = []
-    final_seqs: List[int] = []
-    cnt = N
-    while cnt and n_chunks[order[cnt - 1]] == 0:  # empty sequences: final = initial
-        cnt -= 1
-    if cnt < N:
-        final_parts.append(S[cnt:])
-        final_seqs += order[cnt:]
-    S = S[:cnt]
-    for j in range(max_nc):
-        ids = [first[order[a]] + j for a in range(cnt)]
-        prev_parts.append(S)
-        prev_chunks += ids
-        if regular:                               # chunks j of all rows: a strided view
-            sl = slice(j, NC, max_nc)
-            S = chunk_dec[sl] * S + dS[sl]
-        else:
-            it = torch.tensor(ids, device=dev)
-            S = chunk_dec.index_select(0, it) * S + dS.index_select(0, it)
-        new_cnt = cnt
-        while new_cnt and n_chunks[order[new_cnt - 1]] == j + 1:
-            new_cnt -= 1
-        if new_cnt < cnt:
-            final_parts.append(S[new_cnt:])
-            final_seqs += order[new_cnt:cnt]
-        S = S[:new_cnt]
-        cnt = new_cnt
-
+    max_nc = max(n_chunks) if N else 0
+    if NC and N * max_nc <= 2 * NC + 64:
+        S_prev, final = _scan_blocked(dS, chunk_dec, log_g, C, S0, n_chunks, regular)
+    else:   # very uneven lengths: a padded grid would waste too much; walk the chunks instead
+        S_prev, final = _scan_sequential(dS, chunk_dec, S0, n_chunks, regular)
     if NC:
-        if regular:   # prev_parts[j][b] is chunk b*nC + j: stack on a new axis after batch
-            S_prev = torch.stack(prev_parts, 1).reshape(NC, H, D_k, D_v)
-        else:
-            inv = torch.empty(NC, dtype=torch.long)
-            inv[torch.tensor(prev_chunks)] = torch.arange(NC)
-            S_prev = torch.cat(prev_parts, 0).index_select(0, inv.to(dev))
         o = o + (qc * q_dec) @ S_prev
 
     # ---- back to [B, T, H, D_v] -----------------------------------------------------------------
@@ -163,12 +124,116 @@ def chunk_retention_torch(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, scale:
         o = o.transpose(1, 2).reshape(NC * C, H, D_v).index_select(0, tok_idx).unsqueeze(0)
     o = o.to(q.dtype)
 
-    final = None
-    if output_final_state:
-        if final_seqs == list(range(N)):
-            final = torch.cat(final_parts, 0)
-        else:
-            inv = torch.empty(N, dtype=torch.long)
-            inv[torch.tensor(final_seqs)] = torch.arange(N)
-            final = torch.cat(final_parts, 0).index_select(0, inv.to(dev))
-    return o, final
+    return o, (final if output_final_state else None)
+
+
+def _scan_blocked(dS: Tensor, chunk_dec: Tensor, log_g: Tensor, C: int, S0: Tensor, n_chunks: List[int],
+                  regular: bool, block: int = 32) -> Tuple[Tensor, Tensor]:
+    """States before every chunk, as matrix products over blocks of chunk steps.
+
+    With S_j the state before chunk j of a sequence (all chunks but the last are full, decay γ^C):
+        S_{j0+r} = γ^{C·r} S_{j0} + Σ_{i<r} γ^{C·(r-1-i)} ΔS_{j0+i}
+    so one [H, block, block] matrix times the ΔS of a block gives all its states: J/block Python
+    steps and a few large ops instead of J small ones (on 2 busy cores, hundreds of tiny parallel
+    regions are what costs). Sequences are laid on a padded grid [N, J] (zeros past their end;
+    the states computed there are never read). Returns (S_prev [NC, H, D_k, D_v], final [N, …]).
+    """
+    NC, H, D_k, D_v = dS.shape
+    N, J, X = len(n_chunks), max(n_chunks), D_k * D_v
+    dev, sd = dS.device, dS.dtype
+    first = [0] * N
+    for n in range(1, N):
+        first[n] = first[n - 1] + n_chunks[n - 1]
+    if regular:                                           # chunk j of row n is n*J + j
+        G = dS.view(N, J, H, X)
+    else:                                                 # gather onto the grid, zero rows past the end
+        grid = torch.tensor([first[n] + j if j < n_chunks[n] else NC for n in range(N) for j in range(J)],
+                            dtype=torch.long, device=dev)
+        G = torch.cat([dS.view(NC, H, X), dS.new_zeros(1, H, X)]).index_select(0, grid).view(N, J, H, X)
+    G = G.permute(2, 1, 0, 3)                                               # [H, J, N, X]
+
+    lgC = log_g.view(H, 1, 1) * C                                           # log γ^C
+    Bk = min(J, block)
+    r = torch.arange(Bk, device=dev, dtype=sd)
+    e = r.view(Bk, 1) - 1 - r.view(1, Bk)                                   # r - 1 - i
+    M = torch.where(e >= 0, torch.exp(lgC * e.clamp(min=0)), torch.zeros((), dtype=sd, device=dev))
+    P = torch.exp(lgC * r.view(1, Bk, 1)).unsqueeze(-1)                     # γ^{C·r}: [H, Bk, 1, 1]
+    S = S0.reshape(N, H, X).transpose(0, 1)                                 # [H, N, X]
+    outs = []
+    for blk in G.split(Bk, dim=1):                        # split: one cat in backward, not J/Bk copies
+        nb = blk.shape[1]
+        Sp = (M[:, :nb, :nb] @ blk.reshape(H, nb, N * X)).view(H, nb, N, X) + P[:, :nb] * S.unsqueeze(1)
+        outs.append(Sp)
+        S = torch.exp(lgC) * Sp[:, -1] + blk[:, -1]
+    S_grid = torch.cat(outs, 1).permute(2, 1, 0, 3).reshape(N * J, H, D_k, D_v)   # [N*J, …]
+    if regular:
+        S_prev = S_grid
+    else:
+        pos = torch.tensor([n * J + j for n in range(N) for j in range(n_chunks[n])], dtype=torch.long, device=dev)
+        S_prev = S_grid.index_select(0, pos)
+
+    # final state: S after the (possibly partial) last chunk; an empty sequence keeps S0
+    has = [n for n in range(N) if n_chunks[n]]
+    last = torch.tensor([first[n] + n_chunks[n] - 1 for n in has], dtype=torch.long, device=dev)
+    fin = chunk_dec.index_select(0, last) * S_prev.index_select(0, last) + dS.index_select(0, last)
+    if len(has) == N:
+        final = fin
+    else:
+        idx = torch.tensor(has, dtype=torch.long, device=dev)
+        final = S0.index_copy(0, idx, fin)
+    return S_prev, final
+
+
+def _scan_sequential(dS: Tensor, chunk_dec: Tensor, S0: Tensor, n_chunks: List[int],
+                     regular: bool) -> Tuple[Tensor, Tensor]:
+    """The same scan one chunk step at a time, over the sequences that still have a chunk j
+    (sorted by chunk count, that active set is a prefix). For very uneven lengths."""
+    NC, H, D_k, D_v = dS.shape
+    N = len(n_chunks)
+    dev = dS.device
+    first = [0] * N
+    for n in range(1, N):
+        first[n] = first[n - 1] + n_chunks[n - 1]
+    order = sorted(range(N), key=lambda n: -n_chunks[n])                    # most chunks first
+    max_nc = n_chunks[order[0]] if N else 0
+    # active[j] = number of sequences (a prefix of `order`) that have a chunk j
+    active = [sum(1 for n in order if n_chunks[n] > j) for j in range(max_nc + 1)] if N else [0]
+    n_empty = N - (active[0] if max_nc else 0)
+    # Chunk ids in scan order (step j, then sequence). The per-step pieces of dS and the decays
+    # come from ONE gather + split: slicing or indexing the whole [NC, …] tensor at every step
+    # would make autograd allocate and accumulate a full-size gradient per step (O(T²) traffic).
+    step_ids = [first[order[a]] + j for j in range(max_nc) for a in range(active[j])]
+    counts = [active[j] for j in range(max_nc)]
+    perm = torch.tensor(step_ids, dtype=torch.long, device=dev)
+    dS_steps = dS.index_select(0, perm).split(counts)
+    dec_steps = chunk_dec.index_select(0, perm).split(counts)
+
+    S = S0 if order == list(range(N)) else S0[torch.tensor(order, device=dev)]
+    prev_parts: List[Tensor] = []                # S_j for the chunks taken at each step
+    final_parts: List[Tensor] = []
+    final_seqs: List[int] = []
+    cnt = N - n_empty
+    if n_empty:                                  # empty sequences: final = initial
+        S, S_empty = S.split([cnt, n_empty])
+        final_parts.append(S_empty)
+        final_seqs += order[cnt:]
+    for j in range(max_nc):
+        prev_parts.append(S)
+        S = dec_steps[j] * S + dS_steps[j]
+        new_cnt = active[j + 1]
+        if new_cnt < cnt:                        # sequences whose last chunk was j
+            S, S_done = S.split([new_cnt, cnt - new_cnt])
+            final_parts.append(S_done)
+            final_seqs += order[new_cnt:cnt]
+        cnt = new_cnt
+
+    if NC:
+        inv = torch.empty(NC, dtype=torch.long)
+        inv[torch.tensor(step_ids)] = torch.arange(NC)
+        S_prev = torch.cat(prev_parts, 0).index_select(0, inv.to(dev))
+    else:
+        S_prev = dS
+    inv = torch.empty(N, dtype=torch.long)
+    inv[torch.tensor(final_seqs)] = torch.arange(N)
+    final = torch.cat(final_parts, 0).index_select(0, inv.to(dev))
+    return S_prev, final
