@@ -177,3 +177,15 @@ def test_gradients_flow_through_every_used_parameter():
     (out.lm_logits.sum() + out.fep_logits.sum() + m.sup_projection(m.segment_embedding(out, mask, "joint")).sum()).backward()
     missing = [n for n, p in m.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert missing == [], missing
+
+
+def test_recurrent_retention_path_equals_chunk_path():
+    m = tiny("torch").double()
+    ids, mask = ids_and_mask()
+    a = m(ids[:, :10])
+    b_chunk = m(ids[:, 10:14], states=a.states, offset=10)
+    b_rec = m(ids[:, 10:14], states=a.states, offset=10, retention="recurrent")
+    assert_close(b_rec.hidden, b_chunk.hidden, 1e-12, "recurrent vs chunk")
+    assert_close(b_rec.states[1], b_chunk.states[1], 1e-12, "recurrent vs chunk state")
+    with pytest.raises(ValueError, match="retention must be"):
+        m(ids, retention="parallel")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from use_kernels import chunk_retention, default_decay
+from use_kernels import chunk_retention, default_decay, recurrent_retention
 
 from .config import USEConfig
 
@@ -111,15 +111,21 @@ class MultiScaleRetention(nn.Module):
         self.register_buffer("gamma", default_decay(self.H), persistent=False)      # [H]
         self.register_buffer("theta", rotation_angles(self.d), persistent=False)    # [d]
 
-    def forward(self, x: Tensor, pk: Packing, state: Optional[Tensor], backend: str, chunk_size: int):
+    def forward(self, x: Tensor, pk: Packing, state: Optional[Tensor], backend: str, chunk_size: int,
+                retention: str = "chunk"):
         N = x.shape[0]                                                             # x: [total, h]
         q = self.q_proj(x).view(N, self.H, self.d)                                 # [total, H, d]
         k = self.k_proj(x).view(N, self.H, self.d)
         v = self.v_proj(x).view(N, self.H, self.d)
         q, k = rotate(q, pk.positions, self.theta), rotate(k, pk.positions, self.theta)
-        o, final = chunk_retention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), self.gamma,
-                                   initial_state=state, output_final_state=True,
-                                   cu_seqlens=pk.cu_seqlens, chunk_size=chunk_size, backend=backend)
+        if retention == "recurrent":      # token by token: cheapest for a few new events per user
+            o, final = recurrent_retention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), self.gamma,
+                                           initial_state=state, output_final_state=True,
+                                           cu_seqlens=pk.cu_seqlens, backend=backend)
+        else:
+            o, final = chunk_retention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), self.gamma,
+                                       initial_state=state, output_final_state=True,
+                                       cu_seqlens=pk.cu_seqlens, chunk_size=chunk_size, backend=backend)
         o = o.squeeze(0)                                                           # [total, H, d]
         of = o.float() if o.dtype in (torch.float16, torch.bfloat16) else o
         o = F.layer_norm(of, (self.d,), eps=self.eps).to(o.dtype)                  # GroupNorm, H groups, no affine
@@ -137,8 +143,8 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
         self.ffn = nn.Sequential(nn.Linear(h, cfg.ffn_mult * h), nn.GELU(), nn.Linear(cfg.ffn_mult * h, h))
 
-    def forward(self, x, pk, state, backend, chunk_size):
-        r, final = self.msr(self.ln1(x), pk, state, backend, chunk_size)
+    def forward(self, x, pk, state, backend, chunk_size, retention="chunk"):
+        r, final = self.msr(self.ln1(x), pk, state, backend, chunk_size, retention)
         y = x + self.drop(r)
         return y + self.ffn(self.ln2(y)), final
 
@@ -181,14 +187,18 @@ class USEModel(nn.Module):
     # ------------------------------------------------------------------ core
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, *,
                 cu_seqlens: Optional[Tensor] = None, states: Optional[Sequence[Tensor]] = None,
-                offset: Union[int, Tensor] = 0, heads: Sequence[str] = ()) -> USEOutput:
+                offset: Union[int, Tensor] = 0, heads: Sequence[str] = (), retention: str = "chunk") -> USEOutput:
         """Runs the RetNet.
 
         input_ids: [B, T] (with optional attention_mask [B, T]; any padding layout) or packed
         [total] / [1, total] with cu_seqlens [N+1]. states: per layer [N, H, d, d] carried from an
         earlier segment (None = start fresh). offset: absolute position of each sequence's first
-        token (int or [N]). heads: any of 'lm', 'fep' to also return those logits.
+        token (int or [N]). heads: any of 'lm', 'fep' to also return those logits. retention:
+        "chunk" (chunkwise kernel, for long inputs) or "recurrent" (token-by-token kernel, for short
+        updates of many users); both give the same numbers.
         """
+        if retention not in ("chunk", "recurrent"):
+            raise ValueError(f"retention must be 'chunk' or 'recurrent', got {retention!r}")
         cfg = self.config
         if states is not None and len(states) != cfg.num_layers:
             raise ValueError(f"states has {len(states)} layers, the model has {cfg.num_layers}")
@@ -201,7 +211,7 @@ class USEModel(nn.Module):
         x = self.embed(flat)                                                       # [total, h]
         finals = []
         for i, layer in enumerate(self.layers):
-            x, f = layer(x, pk, None if states is None else states[i], cfg.backend, cfg.chunk_size)
+            x, f = layer(x, pk, None if states is None else states[i], cfg.backend, cfg.chunk_size, retention)
             finals.append(f)
         if cu_seqlens is None:                                                     # back to [B, T, h]
             B, T = pk.batch_shape
