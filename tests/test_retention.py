@@ -241,9 +241,10 @@ VARLEN_BACKENDS = ["torch", "reference", pytest.param("triton", marks=needs_trit
                    pytest.param("triton-recurrent", marks=needs_triton), "torch-recurrent"]
 
 
+@pytest.mark.parametrize("lens", [[5, 0, 70, 1, 16, 33], [1, 2, 1, 0, 3, 1, 2, 1, 1, 2, 1, 300]],
+                         ids=["mixed", "uneven"])   # "uneven": the torch path's sequential scan
 @pytest.mark.parametrize("backend", VARLEN_BACKENDS)
-def test_varlen_equals_each_sequence_alone(backend):
-    lens = [5, 0, 70, 1, 16, 33]
+def test_varlen_equals_each_sequence_alone(backend, lens):
     cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
     total, N, H = int(cu[-1]), len(lens), 3
     dt, cast = _cast_for(backend)

@@ -10,10 +10,16 @@ chunks a state `[H, D_k, D_v]` is carried:
 Work is O(T·C·D + T·D²) and memory O(T·C + (T/C)·D²) instead of the reference's O(T²).
 Every decay is `exp(n · log γ)` with n ≥ 0 (never a division by a decay: nothing overflows).
 
+The state scan is done in matrix form over blocks of 32 chunk steps (`_scan_blocked`): the
+states before the chunks of a block are one [H, 32, 32] decay matrix times the block's ΔS, so the
+scan is a handful of large ops instead of one small op per chunk. That matters on a CPU, where
+hundreds of tiny parallel regions cost more than the arithmetic.
+
 Variable length (cu_seqlens): every sequence is cut into its own chunks (the last one partial),
-all chunks of all sequences go into one flat list (the intra-chunk part is one batched matmul),
-and the state scan walks chunk index j = 0, 1, … over the sequences that still have a chunk j.
-Sorting sequences by chunk count makes that active set a prefix, so each step is a slice.
+all chunks of all sequences go into one flat list (the intra-chunk part is one batched matmul);
+for the scan the chunks are laid on a padded [N, max chunks] grid. When lengths are so uneven that
+the grid would be mostly padding, `_scan_sequential` walks chunk index j = 0, 1, … over the
+sequences that still have a chunk j instead (sorted by chunk count, a prefix: each step a slice).
 Padding slots read a zero row and are never gathered back: no padding token touches a state.
 Gradients (q, k, v, initial_state and gamma) come from autograd through these ops.
 """
