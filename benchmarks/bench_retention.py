@@ -20,7 +20,8 @@ CPU (default)
     removes that artefact without favouring either side; pass OMP_WAIT_POLICY=ACTIVE to compare.
 
 GPU (--device cuda), run by benchmarks/device_check.sh
-    bf16, B=8, H=12, D=64, T = 512 … 8192, forward and forward+backward for triton, torch_chunk,
+    bf16, B=8, H=12, D=64, T = 512 … 8192, forward and forward+backward for triton (also with a
+    learnable γ: triton_dgamma), torch_chunk,
     reference (skipped where it would not fit) and fla's chunk_simple_gla with the same γ
     (g = log γ per token; skipped when fla is not importable). Correctness against the float64
     recurrence on fresh data comes first; a failure stops the run before any timing.
@@ -250,6 +251,9 @@ def gpu_fn(provider, gamma, fla_fn):
                 per_token[(B, T)] = log_g.view(1, 1, H).expand(B, T, H).contiguous()
             return fla_fn(q=q, k=k, v=v, g=per_token[(B, T)], scale=q.shape[-1] ** -0.5)[0]
         return f
+    if provider == "triton_dgamma":         # learnable decay: the backward also returns dγ
+        g_learn = gamma.detach().float().clone().requires_grad_()
+        return lambda q, k, v: chunk_retention(q, k, v, g_learn, backend="triton")[0]
     if provider == "triton_recurrent":
         return lambda q, k, v: recurrent_retention(q, k, v, gamma, backend="triton")[0]
     backend = PROVIDER_BACKEND[provider]
@@ -331,7 +335,7 @@ def run_gpu(args) -> list:
     dev = "cpu" if smoke else "cuda"
     cuda = dev == "cuda"
     fla_fn = _fla() if cuda else None
-    providers = ["triton", "torch_chunk", "reference"] + (["fla"] if fla_fn is not None else [])
+    providers = ["triton", "triton_dgamma", "torch_chunk", "reference"] + (["fla"] if fla_fn is not None else [])
     check_gpu(["triton", "triton_recurrent", "torch_chunk"] + (["fla"] if fla_fn else []), fla_fn, dev,
               (2, 300, 4, 64) if cuda else (1, 40, 2, 32))
     bw = copy_bandwidth(dev, smoke)

@@ -99,7 +99,7 @@ def _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN: tl.constexpr):
 # forward: o = ((Q Kᵀ) ⊙ sΓ) V + γ^{r+1} ⊙ (Q S);  S ← γ^L S + (K ⊙ sγ^{L-1-c})ᵀ V
 # grid (NV, N, H); the state tile [BK ⊇ D_k, BV] stays in registers across the chunks.
 # ------------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=['T'])   # one compile for every T
 def _chunk_retention_fwd_kernel(q, k, v, o, g, h0, ht, cu_seqlens, scale, T,
                                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                                 BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -287,7 +287,7 @@ def _bwd_dkv_sweep(q, k, v, do, dk, dv, dh0, g, dht, dlg, cu_seqlens, scale, T, 
 # doubles the parallelism of the backward at no extra traffic (B·H programs alone do not fill
 # an H200's 132 SMs at B=8, H=12).
 # ------------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=['T', 'stride_dk_nv'])   # one compile for every T
 def _chunk_retention_bwd_kernel(q, k, v, do, dq, dk, dv, dh0, g, h0, dht, dlg, cu_seqlens, scale, T, stride_dk_nv,
                                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                                 NK: tl.constexpr, BK_Q: tl.constexpr, BV_Q: tl.constexpr,
@@ -453,7 +453,8 @@ def _backward(ctx, do, dht):
         dht = None
     if dht is not None:
         dht = dht.contiguous()
-    dq, dk, dv, dh0, dgamma = _bwd_op(q, k, v, do.contiguous(), gamma, ctx.scale, initial_state, dht,
+    do = do.to(v.dtype).contiguous()          # tl.dot needs both operands in one dtype
+    dq, dk, dv, dh0, dgamma = _bwd_op(q, k, v, do, gamma, ctx.scale, initial_state, dht,
                                       cu_seqlens, ctx.chunk_size, need_dh0, need_dgamma)
     return (dq, dk, dv, dgamma.to(gamma.dtype) if need_dgamma else None, None,
             dh0 if need_dh0 else None, None)

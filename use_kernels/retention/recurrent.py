@@ -24,7 +24,7 @@ from .chunk_triton import _backward, _cast, _emulate_bf16, _num_seqs, _pow2, _pr
 _MAX_STATE_TILE = 4096
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['T'])   # one compile for every T
 def _recurrent_retention_fwd_kernel(q, k, v, o, g, h0, ht, cu_seqlens, scale, T,
                                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                                     BK: tl.constexpr, BV: tl.constexpr,
