@@ -537,3 +537,18 @@ def test_cuda_forward_has_no_host_sync():
         recurrent_retention(q, k, v, g, **kw)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_sm90(tmp_path):
+    """The interpreter forgives what the compiler does not (dot operand dtypes, layouts): build every
+    kernel to an sm_90 cubin here, in a subprocess without TRITON_INTERPRET and with an empty cache."""
+    import subprocess
+    import sys
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    res = subprocess.run([sys.executable, "-m", "use_kernels.retention._compile_check"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.stdout.count("ok ") == 15, res.stdout
