@@ -48,13 +48,25 @@ def _pow2(x: int) -> int:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get full-precision dots (TF32 would cost ~1e-3 relative error); bf16/fp16 dots
-    # use the tensor cores with fp32 accumulation (the precision flag only affects fp32 operands).
+    # fp32 inputs: tf32x3 (three TF32 tensor-core products, ~fp32 accuracy; plain TF32 would cost
+    # ~1e-3 relative error, and "ieee" FMA dots take minutes to compile). bf16/fp16 dots use the
+    # tensor cores with fp32 accumulation (the precision flag only affects fp32 operands).
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def _num_warps(bk: int, bv: int) -> int:
     return 4 if bk * bv <= 4096 else 8
+
+
+def _num_stages(bt: int, bk: int, bv: int, elsize: int) -> int:
+    # Software-pipelining depth of the chunk loop: each stage buffers the q/k/v(/do) tiles in
+    # shared memory (~bt·2·(bk+bv)·elsize bytes). An H100/H200 SM has 227 KiB; fp32 at D=128 with
+    # three stages needs 256 KiB and would fail to launch. Keep ≤ 160 KiB of staged tiles.
+    stage = bt * 2 * (bk + bv) * elsize
+    for ns in (3, 2):
+        if ns * stage <= 160 * 1024:
+            return ns
+    return 1
 
 
 def _emulate_bf16(x: Tensor) -> bool:
@@ -349,7 +361,8 @@ def chunk_retention_fwd(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, scale: f
         cu_seqlens if cu_seqlens is not None else q, scale, T,
         H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV,
         USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
-        IS_VARLEN=cu_seqlens is not None, DOT_PREC=_dot_precision(q.dtype), EMU=_emulate_bf16(q), num_warps=_num_warps(BK, BV))
+        IS_VARLEN=cu_seqlens is not None, DOT_PREC=_dot_precision(q.dtype), EMU=_emulate_bf16(q),
+        num_warps=_num_warps(BK, BV), num_stages=_num_stages(chunk_size, BK, BV, q.element_size()))
     return o, ht
 
 
@@ -391,7 +404,8 @@ def chunk_retention_bwd(q: Tensor, k: Tensor, v: Tensor, do: Tensor, gamma: Tens
         H=H, K=K, V=V, BT=chunk_size, NK=NK, BK_Q=BK_Q, BV_Q=BV_Q, BK_KV=BK_KV, BV_KV=BV_KV,
         USE_INITIAL_STATE=initial_state is not None, STORE_DH0=need_dh0,
         USE_FINAL_STATE_GRAD=dht is not None, IS_VARLEN=varlen, DGAMMA=need_dgamma,
-        DOT_PREC=prec, EMU=_emulate_bf16(q), num_warps=_num_warps(max(BK_Q, BK_KV), max(BV_Q, BV_KV)))
+        DOT_PREC=prec, EMU=_emulate_bf16(q), num_warps=_num_warps(max(BK_Q, BK_KV), max(BV_Q, BV_KV)),
+        num_stages=_num_stages(chunk_size, max(BK_Q, BK_KV), max(BV_Q, BV_KV), q.element_size()))
     if NV > 1:
         dk = dk.sum(0).to(k.dtype)
     if need_dgamma:

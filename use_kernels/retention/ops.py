@@ -150,9 +150,13 @@ def chunk_retention(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, *, scale: Op
     if backend == "torch":
         return chunk_retention_torch(q, k, v, gamma, scale, initial_state, output_final_state,
                                      cu_seqlens, chunk_size)
-    if chunk_size < 16 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"chunk_retention: the triton backend needs a power-of-two chunk_size >= 16; "
+    if chunk_size < 16 or chunk_size > 128 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_retention: the triton backend needs a power-of-two chunk_size in [16, 128]; "
                          f"got {chunk_size}")
+    if q.dtype == torch.float32 and max(q.shape[-1], v.shape[-1]) > 128 and chunk_size > 64:
+        # fp32 tiles of [128, 256] would need more shared memory than an SM has (227 KiB)
+        raise ValueError(f"chunk_retention: the triton backend takes chunk_size <= 64 for float32 with "
+                         f"D > 128; got {chunk_size}")
     from .chunk_triton import chunk_retention_triton
     return chunk_retention_triton(q, k, v, gamma, scale, initial_state, output_final_state,
                                   cu_seqlens, chunk_size)
