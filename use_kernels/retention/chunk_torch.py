@@ -53,6 +53,8 @@ def chunk_retention_torch(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, scale:
         bounds = cu_seqlens.tolist()           # host values: the torch path is shape-dynamic anyway
         lens = [bounds[n + 1] - bounds[n] for n in range(len(bounds) - 1)]
         N = len(lens)
+    if lens and 0 < max(lens) < C:   # all sequences shorter than a chunk: no need to pad them to C
+        C = max(lens)
     n_chunks = [(L + C - 1) // C for L in lens]
     NC = sum(n_chunks)
     regular = cu_seqlens is None               # B rows of T tokens: reshapes, no gathers
