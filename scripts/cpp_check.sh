@@ -14,6 +14,7 @@ CMAKE="${CMAKE:-cmake}"
 JOBS="${JOBS:-2}"
 BUILD=build/cmake
 
+mkdir -p build
 echo "== configure ($($CMAKE --version | head -n1))"
 $CMAKE -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo ${CMAKE_ARGS:-} >"$BUILD.configure.log" 2>&1 \
   || { mkdir -p "$(dirname "$BUILD")"; cat "$BUILD.configure.log"; exit 1; }
