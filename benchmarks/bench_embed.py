@@ -21,9 +21,7 @@ import argparse
 import csv
 import datetime
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -37,27 +35,9 @@ from use.config import USEConfig  # noqa: E402
 from use.embed import Carry, Embedder, embed_periods  # noqa: E402
 from use.model import USEModel  # noqa: E402
 from use.store import UserStateStore  # noqa: E402
+from common import device_name, git_commit, sync  # noqa: E402
 
 PROVIDER = {"torch": "torch_chunk", "triton": "triton", "reference": "reference"}
-
-
-def commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                       stderr=subprocess.DEVNULL).decode().strip()
-    except Exception:
-        return "unknown"
-
-
-def device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} CPUs)"
-
-
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def bench_periods(model, args, rng) -> list:
@@ -148,7 +128,7 @@ def main(argv=None) -> int:
                     num_layers=args.layers, num_heads=args.heads, backend=args.backend)
     model = USEModel(cfg).to(dev).eval()
     backend = args.backend if args.backend != "auto" else ("triton" if dev.type == "cuda" else "torch")
-    meta = dict(provider=PROVIDER[backend], device=device_name(dev), torch=torch.__version__, commit=commit(),
+    meta = dict(provider=PROVIDER[backend], device=device_name(dev), torch=torch.__version__, commit=git_commit(),
                 date=datetime.datetime.now().isoformat(timespec="seconds"),
                 model=f"h{args.hidden}-L{args.layers}-H{args.heads}")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

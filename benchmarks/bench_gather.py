@@ -20,15 +20,14 @@ import argparse
 import csv
 import datetime
 import os
-import platform
 import statistics
-import subprocess
 import time
 from collections import Counter
 
 import numpy as np
 import torch
 
+from common import device_name, git_commit
 from use_kernels import gather_segments, gather_segments_packed, sample_segments
 
 EVENT_OFFSET = 5
@@ -119,28 +118,6 @@ def min_bytes(B, L, W, E):
     return B * (L + W) * 4 + B * L * (8 + 1 + E + 1)
 
 
-def device_name(device):
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-
-
-def git_commit():
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"],
-                                       cwd=os.path.dirname(os.path.abspath(__file__)),
-                                       stderr=subprocess.DEVNULL, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def check_equal(got, want, what):
     for name, g, w in zip(("input_ids", "attention_mask", "fep_labels", "fep_mask"), got, want):
         if not torch.equal(g.cpu(), w):
@@ -159,7 +136,7 @@ def main():
     ap.add_argument("--user-len", type=int, default=4000)
     ap.add_argument("--events", type=int, default=52, help="E, the number of event types")
     ap.add_argument("--windows", type=int, nargs="+", default=[5, 100], help="FEP windows W")
-    ap.add_argument("--out", default=None, help="CSV path (default benchmarks/results/gather_<device>.csv)")
+    ap.add_argument("--csv", "--out", dest="out", default=None, help="CSV path (default benchmarks/results/gather_<device>.csv)")
     args = ap.parse_args()
     dev = args.device
     if dev == "cuda" and not torch.cuda.is_available():

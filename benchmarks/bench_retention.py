@@ -54,28 +54,11 @@ import torch  # noqa: E402
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
+from common import git_commit, versions  # noqa: E402
 from use_kernels.retention import (chunk_retention, default_decay, recurrent_retention,  # noqa: E402
                                    retention_ref)
 
 PROVIDER_BACKEND = {"reference": "reference", "torch_chunk": "torch", "triton": "triton"}
-
-
-def commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                       stderr=subprocess.DEVNULL).decode().strip()
-    except Exception:
-        return "unknown"
-
-
-def versions() -> dict:
-    v = {"torch": torch.__version__}
-    try:
-        import triton
-        v["triton"] = triton.__version__
-    except Exception:
-        v["triton"] = "none"
-    return v
 
 
 def make(B, T, H, D, dtype, device, seed=0, requires_grad=False):
@@ -462,7 +445,7 @@ def main():
                 device_name=(torch.cuda.get_device_name() if args.device == "cuda" and not args._smoke
                              else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads, "
                                   f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')})"),
-                commit=commit(), **versions())
+                commit=git_commit(), **versions())
     path = args.csv or os.path.join(ROOT, "benchmarks", "results", f"retention_{args.device}.csv")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fields = list(meta) + sorted({k for r in rows for k in r}, key=lambda k: (

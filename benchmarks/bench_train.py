@@ -14,7 +14,6 @@ import argparse
 import csv
 import datetime
 import os
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -25,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from use import USEConfig, USEModel  # noqa: E402
 from use.losses import fep_loss, sup_loss  # noqa: E402
+from common import device_name, git_commit  # noqa: E402
 
 
 def make_batch(B, T, cfg, device, seed=0):
@@ -108,7 +108,7 @@ def main():
             rows.append({"provider": backend, "seconds_per_step": float("nan"), "tokens_per_s": float("nan"), "peak_mib": float("nan")})
             torch.cuda.empty_cache()
     ref = rows[-1]
-    name = torch.cuda.get_device_name() if gpu else "cpu"
+    name = device_name(device)
     print(f"\ntraining step, T={args.seq_len} B={args.batch} hidden={args.hidden} layers={args.layers} heads={args.heads} "
           f"({'bf16 autocast' if gpu else 'fp32'}) on {name}")
     print(f"{'provider':>10} {'s/step':>9} {'tokens/s':>11} {'peak MiB':>9} {'speed-up':>9}")
@@ -120,10 +120,7 @@ def main():
     print(f"{fast} vs reference: {rows[0]['speedup']:.2f}x ({verdict} the {target:.0f}x target)")
     out = args.csv or os.path.join(os.path.dirname(__file__), "results", f"train_{device.type}.csv")
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
+    commit = git_commit()
     with open(out, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["date", "device", "torch", "commit", "T", "B", "hidden", "layers", "provider", "s_per_step", "tokens_per_s", "peak_mib", "speedup"])

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import use.train as train_mod
 from use.synthetic import write_default_dataset

@@ -8,7 +8,6 @@ A model directory is what `use-train` writes and what `use-embed` / `use-eval` r
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional, Tuple
 

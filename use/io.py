@@ -28,7 +28,7 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:
@@ -51,7 +51,8 @@ def _umask() -> int:
     return mask
 
 
-def _fsync_dir(d: Path) -> None:
+def fsync_path(d) -> None:
+    """fsync a file or directory by path (directories: makes a rename inside it durable)."""
     try:
         fd = os.open(d, os.O_RDONLY)
     except OSError:

@@ -4,7 +4,7 @@ Every loss takes padded tensors with an attention mask; padding never contribute
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 import torch.nn.functional as F

@@ -9,7 +9,6 @@ segment can be run from carried states (stateful embedding) and match the whole 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Union
 

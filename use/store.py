@@ -38,13 +38,13 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from .embed import Carry, Embedder, as_token_array, embedding_dtype, state_dtype
-from .io import atomic_write_text
+from .io import atomic_write_text, fsync_path
 
 FORMAT = "use-user-state-store"
 FORMAT_VERSION = 1
@@ -114,20 +114,6 @@ def weights_fingerprint(model) -> str:
 def _describe(cfg: dict) -> str:
     return (f"hidden {cfg.get('hidden_size')}, {cfg.get('num_layers')} layers, {cfg.get('num_heads')} heads, "
             f"vocab {cfg.get('vocab_size')}")
-
-
-def _fsync(path: Path) -> None:
-    flags = os.O_RDONLY
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class UserStateStore:
@@ -312,7 +298,7 @@ class UserStateStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _fsync(root)
+        fsync_path(root)
         atomic_write_text(root / CURRENT, name + "\n")     # the commit point
         for p in root.iterdir():                           # old versions, crashed saves' leftovers
             if p.name != name and (_VERSION_RE.match(p.name) or p.name.startswith(".tmp-")) and p.is_dir():
@@ -336,7 +322,7 @@ class UserStateStore:
                 i += len(block)
             mm.flush()
             del mm
-            _fsync(f)
+            fsync_path(f)
             files[key] = {"shape": list(shape), "dtype": rows.dtype.str}
         with open(vdir / "users.json", "w", encoding="utf-8") as fh:
             json.dump(self._ids, fh, ensure_ascii=False)
@@ -352,7 +338,7 @@ class UserStateStore:
             json.dump(manifest, fh, indent=1)
             fh.flush()
             os.fsync(fh.fileno())
-        _fsync(vdir)
+        fsync_path(vdir)
 
     @classmethod
     def load(cls, path, model, *, mmap: bool = True, check_weights: bool = True, **kw) -> "UserStateStore":
