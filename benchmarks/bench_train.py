@@ -49,7 +49,7 @@ def step(model, opt, batch, amp):
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return float(loss)
+    return float(loss.detach())
 
 
 def measure(backend, args, device):
