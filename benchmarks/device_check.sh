@@ -3,7 +3,8 @@
 # (correctness before any timing), run the GPU benchmarks, print a short table last.
 # Usage on the GPU machine (torch + CUDA + Triton preinstalled, no network):
 #   bash benchmarks/device_check.sh            # results under $OUT (or benchmarks/results)
-# fla for the side-by-side travels as wheels in .whl/ (installed to /tmp/site if present).
+# fla for the side-by-side travels as wheels in .whl/ (benchmarks/fetch_wheels.sh fetches them
+# beforehand; carry .whl in the device call); they are installed to /tmp/site if present.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-benchmarks/results}"; mkdir -p "$OUT"
