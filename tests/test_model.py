@@ -189,3 +189,21 @@ def test_recurrent_retention_path_equals_chunk_path():
     assert_close(b_rec.states[1], b_chunk.states[1], 1e-12, "recurrent vs chunk state")
     with pytest.raises(ValueError, match="retention must be"):
         m(ids, retention="parallel")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_model_on_cuda_triton_matches_reference_and_trains_in_bf16():
+    ref = tiny("reference").double()
+    m = tiny("triton").cuda()
+    m.load_state_dict(ref.state_dict())
+    ids, mask = ids_and_mask()
+    want = ref(ids, mask)
+    got = m(ids.cuda(), mask.cuda())
+    assert_close(got.hidden.double().cpu(), want.hidden, 2e-4, "cuda triton hidden")
+    assert_close(got.states[1].double().cpu(), want.states[1], 2e-4, "cuda triton state")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = m(ids.cuda(), mask.cuda(), heads=("fep",))
+        loss = out.fep_logits.float().pow(2).mean()
+    loss.backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in m.parameters())
