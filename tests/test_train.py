@@ -140,3 +140,18 @@ def test_cli_with_no_flags_runs_in_a_fresh_directory(tmp_path):
                        env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "use-train summary" in p.stdout and (tmp_path / "runs" / "default" / "model.safetensors").is_file()
+
+
+def test_fresh_run_into_an_old_directory_leaves_no_stale_weights(data, tmp_path, monkeypatch):
+    run(data, tmp_path / "o", "--max-steps", "2", "--save-interval", "1")
+    assert (tmp_path / "o" / "model.safetensors").exists() and (tmp_path / "o" / "checkpoint").exists()
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt("simulated crash in the first step")
+    monkeypatch.setattr(train_mod.Objective, "forward", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(data, tmp_path / "o", "--max-steps", "2", "--hidden-size", "64", "--overwrite")
+    # the new config is there, the old weights and checkpoint are not: nothing can mix the two
+    assert '"hidden_size": 64' in (tmp_path / "o" / "config.json").read_text()
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+    assert train_mod.find_checkpoint(tmp_path / "o") is None

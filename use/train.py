@@ -384,11 +384,16 @@ def train(argv: Optional[List[str]] = None) -> dict:
 
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if not a.resume:
+            # A fresh run replaces the old one whole: never leave its weights beside the new config,
+            # nor its checkpoint for a later --resume to pick up.
+            for name in (WEIGHTS_NAME, "summary.json", "log.jsonl"):
+                (out_dir / name).unlink(missing_ok=True)
+            for name in (CKPT_DIR, CKPT_DIR + ".old"):
+                shutil.rmtree(out_dir / name, ignore_errors=True)
         atomic_write_text(out_dir / "train_args.json", json.dumps(vars(a), indent=2, sort_keys=True) + "\n")
         cfg.save(out_dir / CONFIG_NAME)
         vocab.save(out_dir / VOCAB_NAME)
-        if not a.resume and (out_dir / "log.jsonl").exists():
-            (out_dir / "log.jsonl").unlink()
     _log(f"data {data_path}: {corpus.num_users} users ({len(train_users)} train, {len(val_users)} val), "
          f"{len(vocab)} tokens, E={vocab.num_events} | model {core.num_parameters() / 1e6:.2f}M params, "
          f"backend {a.backend}, device {device}, {'bf16' if use_bf16 else 'fp32'}, world {d.world} | "
