@@ -207,3 +207,36 @@ def test_model_on_cuda_triton_matches_reference_and_trains_in_bf16():
         loss = out.fep_logits.float().pow(2).mean()
     loss.backward()
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def test_decays_and_angles_stay_float32_in_low_precision_models():
+    m = tiny().to(torch.bfloat16)
+    msr = m.layers[0].msr
+    assert msr.gamma.dtype == torch.float32 and msr.theta.dtype == torch.float32
+    assert float(msr.gamma[-1]) < 1.0 and msr.gamma.unique().numel() == 2
+    m.double()
+    assert msr.gamma.dtype == torch.float32
+
+
+@pytest.mark.parametrize("cu, message", [
+    ([0, 3, 9], "end at the number of tokens"),
+    ([0, 5, 3, 10], "must not decrease: cu_seqlens\\[2\\]=3"),
+    ([1, 10], "start at 0"),
+])
+def test_bad_cu_seqlens_are_named(cu, message):
+    m = tiny()
+    with pytest.raises(ValueError, match=message):
+        m(torch.randint(5, 30, (10,)), cu_seqlens=torch.tensor(cu, dtype=torch.int32))
+
+
+def test_recurrent_triton_path_matches_the_reference_model():
+    """The path the store takes for short updates, with the real Triton recurrent kernel."""
+    ref = tiny("reference").double()
+    m = tiny("triton")
+    m.load_state_dict(ref.state_dict())
+    ids, _ = ids_and_mask(B=2, T=14, lengths=(14, 14))
+    a = ref(ids[:, :10])
+    want = ref(ids[:, 10:], states=a.states, offset=10)
+    got = m(ids[:, 10:], states=[s.float() for s in a.states], offset=10, retention="recurrent")
+    assert_close(got.hidden.double(), want.hidden, 2e-4, "triton recurrent hidden")
+    assert_close(got.states[1].double(), want.states[1], 2e-4, "triton recurrent state")

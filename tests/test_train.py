@@ -94,8 +94,11 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(data, tmp_path, monkeypatc
     (["--objective", "mlm"], "unknown objective 'mlm'"),
     (["--backend", "cuda"], "--backend 'cuda' is unknown"),
     (["--max-len", "10", "--min-len", "20"], "--max-len must be >= --min-len"),
+    (["--fep-every", "0"], "--fep-every must be at least 1"),
+    (["--temperature", "0"], "--temperature must be > 0"),
 ])
 def test_bad_flags(data, tmp_path, argv, message):
+    """Checked before anything is read or written."""
     with pytest.raises((train_mod.TrainingError, ValueError), match=message):
         run(data, tmp_path / "x", *argv)
 
@@ -108,6 +111,14 @@ def test_too_short_users_and_empty_data(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     assert train_mod.main(["--data", str(empty), "--output-dir", str(tmp_path / "e"), *TINY]) == 2
+
+
+def test_rerun_without_resume_keeps_a_crashed_runs_checkpoint(data, tmp_path, monkeypatch):
+    run(data, tmp_path / "c", "--max-steps", "4", "--save-interval", "2")
+    (tmp_path / "c" / "model.safetensors").unlink()          # as if it had crashed after step 4
+    with pytest.raises(train_mod.TrainingError, match="holds a checkpoint at step 4; pass --resume"):
+        run(data, tmp_path / "c", "--max-steps", "4")
+    assert train_mod.find_checkpoint(tmp_path / "c") is not None
 
 
 def test_resume_with_other_vocabulary_is_refused(data, tmp_path):
@@ -131,6 +142,11 @@ def test_torchrun_two_processes_gloo(data, tmp_path):
     assert "world 2" in p.stderr
     # rank 0 alone writes: one log line per step, one checkpoint
     assert len(read_log(tmp_path / "ddp")) == 3
+    # every rank resumes its own shard from rank 0's checkpoint
+    cmd[cmd.index("--max-steps") + 1] = "5"
+    p = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from" in p.stderr and [r["step"] for r in read_log(tmp_path / "ddp")] == [1, 2, 3, 4, 5]
 
 
 def test_cli_with_no_flags_runs_in_a_fresh_directory(tmp_path):

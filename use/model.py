@@ -65,6 +65,20 @@ def _offsets(offset: Union[int, Tensor], n: int, device) -> Tensor:
     return torch.full((n,), int(offset), dtype=torch.int64, device=device)
 
 
+def _check_cu_seqlens(cu_seqlens: Tensor, total: int) -> None:
+    """cu_seqlens must be 1-D integers, start at 0, never decrease and end at the token count.
+    Checked on the host (the model's packing needs the lengths there anyway)."""
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be a 1-D int32/int64 tensor [N+1] with N >= 1, got "
+                         f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0 or cu[-1] != total:
+        raise ValueError(f"cu_seqlens must start at 0 and end at the number of tokens ({total}), got {cu[0]}..{cu[-1]}")
+    bad = next((i for i in range(1, len(cu)) if cu[i] < cu[i - 1]), None)
+    if bad is not None:
+        raise ValueError(f"cu_seqlens must not decrease: cu_seqlens[{bad}]={cu[bad]} < cu_seqlens[{bad - 1}]={cu[bad - 1]}")
+
+
 def make_packing(input_ids: Tensor, attention_mask: Optional[Tensor], cu_seqlens: Optional[Tensor],
                  offset: Union[int, Tensor]) -> Packing:
     dev = input_ids.device
@@ -72,6 +86,9 @@ def make_packing(input_ids: Tensor, attention_mask: Optional[Tensor], cu_seqlens
         if attention_mask is not None:
             raise ValueError("pass either attention_mask (padded batch) or cu_seqlens (packed batch), not both")
         total = input_ids.numel()
+        if input_ids.dim() == 2 and input_ids.shape[0] != 1:
+            raise ValueError(f"with cu_seqlens, input_ids must be packed: [total] or [1, total], got {tuple(input_ids.shape)}")
+        _check_cu_seqlens(cu_seqlens, total)
         cu = cu_seqlens.to(device=dev, dtype=torch.int32)
         lengths = (cu[1:] - cu[:-1]).long()
         n = lengths.numel()
@@ -109,6 +126,15 @@ class MultiScaleRetention(nn.Module):
         self.eps = cfg.groupnorm_eps
         self.register_buffer("gamma", default_decay(self.H), persistent=False)      # [H]
         self.register_buffer("theta", rotation_angles(self.d), persistent=False)    # [d]
+
+    def _apply(self, fn, *args, **kwargs):
+        # Decays and angles stay float32 whatever the module dtype: in bf16, 1 - 1/512 rounds to
+        # exactly 1 (no decay at all) and neighbouring heads collapse onto one γ.
+        out = super()._apply(fn, *args, **kwargs)
+        dev = self.q_proj.weight.device
+        self.gamma = default_decay(self.H).to(dev)
+        self.theta = rotation_angles(self.d).to(dev)
+        return out
 
     def forward(self, x: Tensor, pk: Packing, state: Optional[Tensor], backend: str, chunk_size: int,
                 retention: str = "chunk"):

@@ -108,7 +108,9 @@ def validate_args(a: argparse.Namespace) -> None:
               ("--batch-size", a.batch_size >= 1, "at least 1"), ("--grad-accum", a.grad_accum >= 1, "at least 1"),
               ("--lr", a.lr > 0, "> 0"), ("--warmup-ratio", 0 <= a.warmup_ratio < 1, "in [0, 1)"),
               ("--gap", a.gap >= 0, ">= 0"), ("--max-steps", a.max_steps >= 1, "at least 1"),
-              ("--val-fraction", 0 <= a.val_fraction < 1, "in [0, 1)")]
+              ("--val-fraction", 0 <= a.val_fraction < 1, "in [0, 1)"),
+              ("--temperature", a.temperature > 0, "> 0"), ("--fep-every", a.fep_every >= 1, "at least 1"),
+              ("--fep-context", a.fep_context >= 0, ">= 0")]
     if "fep" in objective_parts(a.objective):
         checks.append(("--fep-window", a.fep_window >= 1, "at least 1 for an FEP objective"))
     if "sup" in objective_parts(a.objective):
@@ -309,8 +311,13 @@ def train(argv: Optional[List[str]] = None) -> dict:
     ckpt = find_checkpoint(out_dir) if a.resume else None
     if a.resume and ckpt is None:
         raise TrainingError(f"--resume: no complete checkpoint in {out_dir}/{CKPT_DIR}")
-    if not a.resume and (out_dir / WEIGHTS_NAME).exists() and not a.overwrite and a.output_dir is not None:
-        raise TrainingError(f"{out_dir} already holds a trained model; pass --resume to continue it or --overwrite to replace it")
+    if not a.resume and not a.overwrite:
+        old = find_checkpoint(out_dir)
+        if (out_dir / WEIGHTS_NAME).exists() or old is not None:
+            what = (f"a checkpoint at step {(old / 'COMPLETE').read_text().strip()}" if old is not None
+                    else "a trained model")
+            raise TrainingError(f"{out_dir} already holds {what}; pass --resume to continue it or "
+                                f"--overwrite to replace it (or choose another --output-dir)")
 
     torch.manual_seed(a.seed + d.rank)
     data_path = _resolve_data(a, d.main)
@@ -350,6 +357,8 @@ def train(argv: Optional[List[str]] = None) -> dict:
             raise TrainingError(f"the model flags do not match the checkpoint's {ckpt / CONFIG_NAME}; resume with the same flags")
     torch.manual_seed(a.seed)                         # identical init on every rank
     core = USEModel(cfg).to(device)
+    if d.rank:
+        torch.manual_seed(a.seed + 7919 * d.rank)     # but each rank its own dropout stream
     opt = make_optimizer(core, a.lr, a.weight_decay)
     if a.epochs is not None:
         steps_per_epoch = math.ceil(len(train_users) / (a.batch_size * a.grad_accum * d.world))
@@ -365,9 +374,14 @@ def train(argv: Optional[List[str]] = None) -> dict:
         st = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
-        sampler.load_state_dict(st["sampler"])
+        # Rank 0 alone writes checkpoints: every rank resumes its own shard at the saved step.
+        sampler.load_state_dict({**st["sampler"], "rank": d.rank})
         step, tokens_done = st["step"], st["tokens"]
         _set_rng_state(st["rng"])
+        if d.rank:                                     # ranks > 0: their own dropout stream again
+            torch.manual_seed(a.seed + 7919 * d.rank + step)
+        if d.main:                                     # drop log lines of steps after the checkpoint
+            _truncate_log(out_dir / "log.jsonl", step)
         _log(f"resumed from {ckpt} at step {step}", d)
     objective = Objective(core, a)
     model = objective
@@ -473,6 +487,20 @@ def train(argv: Optional[List[str]] = None) -> dict:
         dist.barrier()
         dist.destroy_process_group()
     return summary
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keeps the log lines of steps <= `step` (a resume redoes the later ones)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError):
+            continue
+    atomic_write_text(path, "".join(l + "\n" for l in keep))
 
 
 def _first_log(out_dir: Path) -> Optional[dict]:
