@@ -2,6 +2,7 @@
 import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -285,6 +286,41 @@ def test_cache_corrupt_is_rebuilt(tmp_path):
     assert load_corpus(p).tokens.tolist() == [5, 6]
     (tmp_path / "d.txt.use-cache" / "meta.json").write_text("{")
     assert load_corpus(p).tokens.tolist() == [5, 6]
+
+
+def test_cache_is_on_disk_before_install_with_normal_permissions(tmp_path, monkeypatch):
+    """Every cache file and the temporary directory are fsynced before the rename that makes
+    them visible (a power loss must not leave a valid meta.json beside empty arrays), and the
+    installed entries get the umask's permissions, not mkdtemp's/mkstemp's private 0700/0600."""
+    p = write(tmp_path / "d.txt", "a b c\nb c\n")
+    events = []
+    real_fsync, real_install = D.fsync_path, D._install_dir
+    monkeypatch.setattr(D, "fsync_path", lambda f: (events.append(("fsync", Path(f))), real_fsync(f)))
+    monkeypatch.setattr(D, "_install_dir", lambda t, c: (events.append(("install", Path(t))), real_install(t, c)))
+    old_mask = os.umask(0o027)
+    try:
+        load_corpus(p)
+        cdir = D.cache_dir_for(p)
+        names = sorted(os.listdir(cdir))
+        modes = {n: (cdir / n).stat().st_mode & 0o777 for n in names}
+        assert (cdir.stat().st_mode & 0o777) == 0o750 and set(modes.values()) == {0o640}, (oct(cdir.stat().st_mode), modes)
+
+        kinds = [k for k, _ in events]
+        assert kinds.count("install") == 1, events
+        tmp = events[kinds.index("install")][1]
+        before = [f for k, f in events[:kinds.index("install")]]
+        assert {f.name for f in before if f.parent == tmp} == set(names), before
+        assert tmp in before and before.index(tmp) > max(i for i, f in enumerate(before) if f.parent == tmp), \
+            "the directory is fsynced after its files"
+
+        # The mtime-only refresh rewrites meta.json atomically with the same permissions.
+        os.utime(p, ns=(time.time_ns(), time.time_ns() + 10**9))
+        before_meta = (cdir / "meta.json").stat().st_ino
+        load_corpus(p)
+        assert (cdir / "meta.json").stat().st_ino != before_meta, "meta.json was not rewritten"
+        assert (cdir / "meta.json").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old_mask)
 
 
 def test_cache_unwritable_falls_back_to_memory(tmp_path, monkeypatch):

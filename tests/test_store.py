@@ -72,6 +72,57 @@ def test_unknown_and_empty_users(m64):
         s.update(["x", "y"], [[5]])
 
 
+def _contents(s):
+    """Everything a store holds, copied: ids, row index, every row of every array, embeddings."""
+    rows = np.arange(len(s))
+    assert all(len(r) == len(s) for r in s._rows.values()), "arrays out of step with the ids"
+    return {"ids": s.user_ids, "index": dict(s._index), "embeddings": s.embeddings(),
+            **{k: r.take(rows) for k, r in s._rows.items()}}
+
+
+def _assert_same_contents(got, want, what):
+    assert got["ids"] == want["ids"] and got["index"] == want["index"], f"{what}: user ids differ"
+    for k in ("states", "sums", "counts", "embeddings"):
+        assert np.array_equal(got[k], want[k]), f"{what}: {k} differ"
+
+
+@pytest.mark.parametrize("fail_at", [2, 3])
+@pytest.mark.parametrize("where", ["in_memory", "loaded"])
+def test_failed_update_leaves_the_store_unchanged_and_a_retry_works(m64, tmp_path, monkeypatch, where, fail_at):
+    """One user per chunk; the model run of chunk `fail_at` raises (KeyboardInterrupt: a
+    BaseException) after earlier chunks were written back, one of them to a new user's row."""
+    s, _, _ = _fill(m64, chunk_bytes=1)
+    if where == "loaded":            # existing rows in the copy-on-write memory map, not the tail
+        s.save(tmp_path / "st")
+        s = UserStateStore.load(tmp_path / "st", m64, chunk_bytes=1)
+    clean = UserStateStore.load(tmp_path / "st", m64, chunk_bytes=1) if where == "loaded" else _fill(m64, chunk_bytes=1)[0]
+    before = _contents(s)
+    users = ["new1", "a", "new2", "c"]
+    seqs = rand_seqs([5, 9, 3, 12], seed=11)
+
+    real, calls = s._embedder.advance, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise KeyboardInterrupt(f"chunk {fail_at} (simulated)")
+        return real(*a, **k)
+    monkeypatch.setattr(s._embedder, "advance", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        s.update(users, seqs)
+    assert len(calls) == fail_at
+    _assert_same_contents(_contents(s), before, "after the failed update")
+    assert "new1" not in s and "new2" not in s
+
+    # The retry (advance no longer fails) equals one clean update: no events counted twice and
+    # the new users start from zero rows.
+    got = s.update(users, seqs)
+    want = clean.update(users, seqs)
+    assert np.array_equal(got, want)
+    _assert_same_contents(_contents(s), _contents(clean), "retry vs clean update")
+    assert [s.num_events(u) for u in users] == [5, 40 + 9, 3, 60 + 12]
+
+
 def test_save_load_continue_equals_whole(m64, tmp_path):
     s, seqs, _ = _fill(m64)
     vdir = s.save(tmp_path / "st")

@@ -31,7 +31,7 @@ import torch
 import use_kernels
 from use_kernels import PaddedSegments
 
-from .io import atomic_write_bytes
+from .io import _umask, atomic_write_bytes, fsync_path
 
 PathLike = Union[str, os.PathLike]
 
@@ -44,18 +44,6 @@ OBJECTIVES = ("clm", "fep", "sup", "fep_sup", "clm_fep_sup")
 _VOCAB_FORMAT = "use-vocab"
 _CACHE_FORMAT = "use-corpus-cache"
 _CACHE_VERSION = 1
-
-
-def _umask() -> int:
-    """The process umask, read without changing it (os.umask can only be read by setting it,
-    which races with other threads); Linux exposes it in /proc/self/status."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0o022
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -524,7 +512,6 @@ def _read_cache(cdir: Path, meta_want: dict, vocab: Optional[Vocab]) -> Optional
             try:  # remember the new mtime so the next load skips the hash
                 meta["mtime_ns"] = meta_want["mtime_ns"]
                 _atomic_write_text(cdir / "meta.json", json.dumps(meta, indent=1))
-                os.chmod(cdir / "meta.json", 0o666 & ~_umask())
             except OSError:
                 pass  # read-only data directory: still valid, just hashed again next time
         cached_vocab = Vocab.load(cdir / "vocab.json")
@@ -582,8 +569,13 @@ def load_corpus(path: PathLike, *, vocab: Optional[Vocab] = None, char_level: bo
         built_vocab.save(tmp / "vocab.json")
         (tmp / "user_ids.json").write_text(json.dumps(user_ids, ensure_ascii=False), encoding="utf-8")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        os.chmod(tmp / "vocab.json", 0o666 & ~_umask())
+        # On disk before the rename makes them visible: otherwise a power loss can leave the
+        # installed cache with a valid meta.json beside empty or stale arrays.
+        for name in ("tokens.npy", "offsets.npy", "vocab.json", "user_ids.json", "meta.json"):
+            fsync_path(tmp / name)
+        fsync_path(tmp)
         _install_dir(tmp, cdir)
+        fsync_path(path.parent)        # the rename itself
     except OSError as e:  # disk full, quota, ...: the corpus itself is fine
         warnings.warn(f"load_corpus: could not write the cache {cdir} ({e}); using an in-memory "
                       f"corpus (tokenised again next time)", stacklevel=2)

@@ -62,7 +62,8 @@ class Carry:
 
 
 def state_dtype(model) -> torch.dtype:
-    """Retention states are float32 whatever the compute dtype, float64 for a float64 model."""
+    """Retention states and embeddings are float32 whatever the compute dtype (bf16 too),
+    float64 for a float64 model."""
     return torch.float64 if _model_dtype(model) == torch.float64 else torch.float32
 
 
@@ -72,10 +73,6 @@ def _model_dtype(model) -> torch.dtype:
 
 def _model_device(model) -> torch.device:
     return next(model.parameters()).device
-
-
-def embedding_dtype(model) -> torch.dtype:
-    return torch.float64 if _model_dtype(model) == torch.float64 else torch.float32
 
 
 def _sync(device: torch.device) -> None:
@@ -201,7 +198,7 @@ class Embedder:
     def embed(self, seqs: Sequence, *, desc: str = "embedding") -> np.ndarray:
         """Embeddings [N, h] of whole sequences from scratch (mean of last-layer token states)."""
         carry = self.advance(seqs, None, desc=desc)
-        return carry.embeddings(embedding_dtype(self.model)).cpu().numpy()
+        return carry.embeddings(state_dtype(self.model)).cpu().numpy()
 
 
 def _greedy_batches(lengths: np.ndarray, max_tokens: int, max_seqs: int):
@@ -257,7 +254,7 @@ def embed_periods(embedder: Embedder, seqs: Sequence, periods: int, period_len: 
     arrays = [as_token_array(s, f"sequence {i}") for i, s in enumerate(seqs)]
     N, P, L = len(arrays), int(periods), int(period_len)
     h = embedder.model.config.hidden_size
-    edt = embedding_dtype(embedder.model)
+    edt = state_dtype(embedder.model)
     npd = np.float64 if edt == torch.float64 else np.float32
     avail = np.minimum(np.array([a.size // L for a in arrays], dtype=np.int64), P)
     emb = {s: np.zeros((P, N, h), dtype=npd) for s in strategies}

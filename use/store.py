@@ -43,7 +43,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .embed import Carry, Embedder, as_token_array, embedding_dtype, state_dtype
+from .embed import Carry, Embedder, as_token_array, state_dtype
 from .io import atomic_write_text, fsync_path
 
 FORMAT = "use-user-state-store"
@@ -172,7 +172,7 @@ class UserStateStore:
         rows = np.arange(len(self)) if user_ids is None else np.array([self._row(u) for u in user_ids], dtype=np.int64)
         sums = self._rows["sums"].take(rows)
         counts = np.maximum(self._rows["counts"].take(rows), 1)
-        npd = np.float64 if embedding_dtype(self.model) == torch.float64 else np.float32
+        npd = np.float64 if state_dtype(self.model) == torch.float64 else np.float32
         return (sums / counts[:, None]).astype(npd)
 
     def embedding(self, user_id) -> np.ndarray:
@@ -207,6 +207,9 @@ class UserStateStore:
 
         Cost: the new events only. All users go through one packed batch, cut into chunks of
         users so the gathered states stay within `chunk_bytes`.
+
+        All or nothing: if it raises (bad input, out of memory, KeyboardInterrupt in any chunk)
+        the store is exactly as before, so the same call can simply be retried.
         """
         if isinstance(user_ids, str):
             raise TypeError("user_ids must be a sequence of ids, got one string")
@@ -229,39 +232,64 @@ class UserStateStore:
         uniq = list(groups)
         useqs = [seqs[g[0]] if len(g) == 1 else np.concatenate([seqs[i] for i in g]) for g in groups.values()]
         new = [u for u in uniq if u not in self._index]
-        if new:
-            for r in self._rows.values():
-                r.grow(len(new))
-            for u in new:
-                self._index[u] = len(self._ids)
-                self._ids.append(u)
-        rows = np.array([self._index[u] for u in uniq], dtype=np.int64)
 
         L, H, d, _ = self._state_shape
         item = self._rows["states"].dtype.itemsize
         per_user = L * H * d * d * item + self._hidden * 8 + 8
         users_per_chunk = max(1, self.chunk_bytes // per_user)
-        edt = embedding_dtype(self.model)
+        edt = state_dtype(self.model)
         out = np.empty((len(uniq), self._hidden), dtype=np.float64 if edt == torch.float64 else np.float32)
         show = self.progress if progress is None else progress
         from tqdm.auto import tqdm
         total = int(sum(s.size for s in useqs))
-        with tqdm(total=total, desc="updating users", unit="tok", unit_scale=True,
-                  disable=not show or total == 0) as bar:
-            for c0 in range(0, len(uniq), users_per_chunk):
-                sl = slice(c0, c0 + users_per_chunk)
-                r = rows[sl]
-                st = torch.from_numpy(self._rows["states"].take(r))               # [n, L, H, d, d]
-                carry = Carry([st[:, l] for l in range(L)],                       # views: updated in place
-                              torch.from_numpy(self._rows["sums"].take(r)),
-                              torch.from_numpy(self._rows["counts"].take(r)))
-                self._embedder.advance(useqs[sl], carry, bar=bar)
-                self._rows["states"].put(r, st.numpy())
-                self._rows["sums"].put(r, carry.sums.numpy())
-                self._rows["counts"].put(r, carry.counts.numpy())
-                out[sl] = carry.embeddings(edt).numpy()
+
+        # All or nothing: chunks are written back as they finish, so a failure in a later chunk
+        # (OOM, Ctrl-C) must undo the earlier ones, else a retry counts their events twice. Kept
+        # for that: a copy of the touched rows of users already in the store (one copy of what
+        # the update reads anyway; new users' rows are zeros and need none) and the counts.
+        old_rows = np.array([self._index[u] for u in uniq if u in self._index], dtype=np.int64)
+        old = {k: r.take(old_rows) for k, r in self._rows.items()}
+        n_ids, n_tail = len(self._ids), {k: r.n_tail for k, r in self._rows.items()}
+        try:
+            if new:
+                for r in self._rows.values():
+                    r.grow(len(new))
+                for u in new:
+                    self._index[u] = len(self._ids)
+                    self._ids.append(u)
+            rows = np.array([self._index[u] for u in uniq], dtype=np.int64)
+            with tqdm(total=total, desc="updating users", unit="tok", unit_scale=True,
+                      disable=not show or total == 0) as bar:
+                for c0 in range(0, len(uniq), users_per_chunk):
+                    sl = slice(c0, c0 + users_per_chunk)
+                    r = rows[sl]
+                    st = torch.from_numpy(self._rows["states"].take(r))               # [n, L, H, d, d]
+                    carry = Carry([st[:, l] for l in range(L)],                       # views: updated in place
+                                  torch.from_numpy(self._rows["sums"].take(r)),
+                                  torch.from_numpy(self._rows["counts"].take(r)))
+                    self._embedder.advance(useqs[sl], carry, bar=bar)
+                    self._rows["states"].put(r, st.numpy())
+                    self._rows["sums"].put(r, carry.sums.numpy())
+                    self._rows["counts"].put(r, carry.counts.numpy())
+                    out[sl] = carry.embeddings(edt).numpy()
+        except BaseException:
+            self._rollback(old_rows, old, n_ids, n_tail, new)
+            raise
         pos = {u: j for j, u in enumerate(uniq)}
         return out[[pos[u] for u in ids]]
+
+    def _rollback(self, old_rows: np.ndarray, old: dict, n_ids: int, n_tail: dict, new: List[str]) -> None:
+        """Undoes a failed update: the touched rows of users already in the store get their old
+        values back, the users it added are forgotten."""
+        for k, r in self._rows.items():
+            if old_rows.size:
+                r.put(old_rows, old[k])
+            # grow() hands out tail rows past n_tail without clearing them: they must stay zero.
+            r.tail[n_tail[k]:r.n_tail] = 0
+            r.n_tail = n_tail[k]
+        for u in new:                  # may have stopped between registering and appending
+            self._index.pop(u, None)
+        del self._ids[n_ids:]
 
     # ------------------------------------------------------------------ persistence
     def _fingerprint(self) -> str:
