@@ -9,13 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import use
 from use import store as store_mod
 from use.store import CURRENT, UserStateStore
 
-from test_embed import TOL64, V_EVENTS, assert_close, rand_seqs, tiny_model, tiny_vocab, truth
+from test_embed import TOL64, assert_close, rand_seqs, tiny_model, tiny_vocab, truth
 
 
 @pytest.fixture(scope="module")

@@ -46,6 +46,15 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
 
 
 def _umask() -> int:
+    """The process umask, read without changing it where possible: os.umask can only be read by
+    setting it, which races with other threads; Linux exposes it in /proc/self/status."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
