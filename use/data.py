@@ -32,14 +32,13 @@ import use_kernels
 from use_kernels import PaddedSegments
 
 from .io import _umask, atomic_write_bytes, fsync_path
+from .losses import OBJECTIVES  # noqa: F401  (re-exported: the objective names live with the losses)
 
 PathLike = Union[str, os.PathLike]
 
 SPECIAL_TOKENS = ("[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]")
 UNK_ID, CLS_ID, SEP_ID, PAD_ID, MASK_ID = range(5)
 EVENT_OFFSET = len(SPECIAL_TOKENS)  # event type e has token id EVENT_OFFSET + e
-
-OBJECTIVES = ("clm", "fep", "sup", "fep_sup", "clm_fep_sup")
 
 _VOCAB_FORMAT = "use-vocab"
 _CACHE_FORMAT = "use-corpus-cache"
