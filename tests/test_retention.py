@@ -403,27 +403,15 @@ def lowp_errors(backend, dtype):
             for i, name in enumerate(LOWP_NAMES)}
 
 
-# Known misses of the 2x rule, kept visible: the test xfails (strict) on exactly these and fails if
-# one starts passing or another quantity misses. The Triton recurrent forward adds k vᵀ to the
-# float32 state one token at a time, T roundings where plain PyTorch's one float32 matmul makes
-# ~log T: final state 3.4e-6 vs plain 1.6e-6 (bf16) and 3.1e-6 vs 1.5e-6 (fp16) at T=100.
-LOWP_KNOWN_MISSES = {("triton-recurrent", "final")}
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("backend", ["torch", "reference", pytest.param("triton", marks=needs_triton),
                                      pytest.param("triton-recurrent", marks=needs_triton)])
 def test_low_precision_error_within_2x_plain(backend, dtype):
     errs = lowp_errors(backend, dtype)
     assert all(p > 0 for _, p in errs.values()), errs
-    over = {name: f"{name}: error {e:.3e} > 2 x plain PyTorch {p:.3e}"
-            for name, (e, p) in errs.items() if not e <= 2 * p}
-    known = {name for (b, name) in LOWP_KNOWN_MISSES if b == backend}
-    bad = [msg for name, msg in over.items() if name not in known]
-    assert not bad, f"{backend} ({dtype}): " + "; ".join(bad)
-    assert known <= set(over), f"{backend} ({dtype}): {sorted(known - set(over))} now within 2x: drop from LOWP_KNOWN_MISSES"
-    if known:
-        pytest.xfail(f"{backend} ({dtype}), known miss: " + "; ".join(over[n] for n in sorted(known)))
+    over = [f"{name}: error {e:.3e} > 2 x plain PyTorch {p:.3e}"
+            for name, (e, p) in errs.items() if not e <= 2 * p]
+    assert not over, f"{backend} ({dtype}): " + "; ".join(over)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,12 +44,20 @@ def _recurrent_retention_fwd_kernel(q, k, v, o, g, h0, ht, cu_seqlens, scale, T,
     if USE_INITIAL_STATE:
         b_h += tl.load(h0 + p_state, mask=m_state, other=0.0).to(tl.float32)
 
+    # Compensated (Kahan) accumulation: the state takes one rounding per token, so over T tokens
+    # plain adds would lose ~T roundings where a single fp32 matmul loses ~log T. The running
+    # compensation b_c decays with the state. A few FLOPs per element on a kernel bound by
+    # moving states.
+    b_c = tl.zeros([BK, BV], dtype=tl.float32)
     for i_t in range(0, eos - bos):
         row = (bos + i_t) * H + i_h
         b_q = tl.load(q + row * K + o_k, mask=m_k, other=0.0).to(tl.float32)
         b_k = tl.load(k + row * K + o_k, mask=m_k, other=0.0).to(tl.float32) * scale
         b_v = tl.load(v + row * V + o_v, mask=m_v, other=0.0).to(tl.float32)
-        b_h = b_h * b_g + b_k[:, None] * b_v[None, :]
+        b_hg = b_h * b_g
+        b_y = b_k[:, None] * b_v[None, :] - b_c * b_g
+        b_h = b_hg + b_y
+        b_c = (b_h - b_hg) - b_y
         b_o = tl.sum(b_h * b_q[:, None], axis=0)
         tl.store(o + row * V + o_v, _cast(b_o, o.dtype.element_ty, EMU), mask=m_v)
 
